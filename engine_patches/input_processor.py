@@ -1,0 +1,62 @@
+"""Validate diffusion options when a request is admitted.
+
+Target: ``vllm.v1.engine.input_processor.InputProcessor._validate_params``.
+Why: a bad ``extra_args`` value (``steps=0``, unknown ``remasking``...) must be rejected in the
+front end with a ``VLLMValidationError`` naming the parameter (HTTP 400 in ``vllm serve``,
+``ValueError`` from ``LLM.generate``), never reach the engine loop where it would kill it.
+vLLM has no hook for per-model sampling-parameter validation outside its built-in diffusion
+config (Model Runner V2 only).
+How: keep the original, call it, then run ``vllm_blockdiff.options.validate_request`` when
+the served architecture is one of ours.
+Upstream PR: none; removable if vLLM grows a per-model ``validate_sampling_params`` hook.
+Drift guard: raises at apply time if the method or its signature is gone;
+``tests/engine_patches/test_input_processor.py`` checks the rejection end to end.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.engine import input_processor as upstream
+
+_EXPECTED_PARAMS = ["self", "params", "supported_tasks"]
+
+
+def _defaults(processor):
+    cached = getattr(processor, "_blockdiff_defaults", None)
+    if cached is None:
+        from vllm_blockdiff.config import family_of, model_defaults
+
+        vllm_config = processor.vllm_config
+        family = family_of(vllm_config.model_config.architectures)
+        cached = model_defaults(vllm_config) if family else False
+        processor._blockdiff_defaults = cached
+    return cached
+
+
+def apply() -> None:
+    cls = upstream.InputProcessor
+    original = cls.__dict__.get("_validate_params")
+    if getattr(original, "_blockdiff_patched", False):
+        return
+    if original is None or list(inspect.signature(original).parameters) != _EXPECTED_PARAMS:
+        raise RuntimeError(
+            "engine_patches.input_processor: InputProcessor._validate_params changed upstream; "
+            "update the patch"
+        )
+
+    def _validate_params(self, params, supported_tasks):
+        result = original(self, params, supported_tasks)
+        defaults = _defaults(self)
+        if defaults and hasattr(params, "extra_args"):
+            from vllm_blockdiff.options import OptionError, validate_request
+
+            try:
+                validate_request(params, defaults)
+            except OptionError as err:
+                raise VLLMValidationError(str(err), parameter=err.parameter) from None
+        return result
+
+    _validate_params._blockdiff_patched = True
+    cls._validate_params = _validate_params

@@ -1,0 +1,1 @@
+"""Pure decoding policies over logits: no vLLM imports, unit-testable alone."""

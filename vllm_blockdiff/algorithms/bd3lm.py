@@ -1,0 +1,86 @@
+"""BD3LM (dLLM block diffusion) denoising rules, as defined by the seed card's ``generate()``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+REMASKING_MODES = ("low_confidence", "random")
+
+
+def steps_per_block(steps: int, max_new_tokens: int, block_size: int) -> int:
+    """The card's per-block step budget: ``ceil(steps / ceil(max_new_tokens / block_size))``."""
+    return math.ceil(steps / math.ceil(max_new_tokens / block_size))
+
+
+def first_chunk_len(num_tokens: int, block_size: int) -> int:
+    """Masks needed to reach the next block boundary (a whole block when aligned)."""
+    return block_size - num_tokens % block_size
+
+
+def next_chunk_len(num_tokens: int, num_generated: int, max_new_tokens: int, block_size: int) -> int:
+    """Length of the chunk that starts at ``num_tokens``: completes the block, capped by what is left."""
+    return min(first_chunk_len(num_tokens, block_size), max_new_tokens - num_generated)
+
+
+def transfer_schedule(num_masks: int, num_steps: int) -> list[int]:
+    """Tokens committed at each step: a uniform split, earlier steps take the remainder.
+
+    Steps that would commit nothing are dropped (they cannot change the output).
+    """
+    base, rem = divmod(num_masks, num_steps)
+    counts = [base + (1 if i < rem else 0) for i in range(num_steps)]
+    return [c for c in counts if c > 0]
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``argmax(exp(logits) / (-log u) ** temperature)`` in float64, the card's Gumbel-max sampling.
+
+    Computed as ``logits - temperature * log(-log u)`` (same argmax, no overflow).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
+    noisy = logits.to(torch.float64) - temperature * torch.log(-torch.log(u))
+    return noisy.argmax(dim=-1)
+
+
+def denoise_step(
+    logits: torch.Tensor,
+    canvas: torch.Tensor,
+    mask_id: int,
+    num_commits: int,
+    *,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One BD3LM step on a chunk: commit the ``num_commits`` most confident masked positions.
+
+    ``logits``: [chunk_len, vocab] for the chunk positions (no shift: position i predicts i).
+    Returns the new canvas; committed tokens never change. Random draws, in order: the
+    Gumbel noise (temperature > 0), then the random confidences (``remasking="random"``).
+    """
+    masked = canvas == mask_id
+    if not bool(masked.any()):
+        return canvas
+    x0 = gumbel_argmax(logits, temperature, generator)
+    if remasking == "low_confidence":
+        probs = torch.softmax(logits.float(), dim=-1)
+        confidence = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    elif remasking == "random":
+        confidence = torch.rand(canvas.shape, generator=generator, device=logits.device)
+    else:
+        raise ValueError(f"unknown remasking {remasking!r}; expected one of {REMASKING_MODES}")
+    confidence = torch.where(masked, confidence, torch.full_like(confidence, -math.inf))
+    k = min(num_commits, int(masked.sum()))
+    chosen = torch.topk(confidence, k).indices
+    out = canvas.clone()
+    out[chosen] = x0[chosen].to(out.dtype)
+    return out
+
+
+def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance as the card mixes it: ``un + (scale + 1) * (cond - un)``."""
+    return uncond + (cfg_scale + 1.0) * (cond - uncond)

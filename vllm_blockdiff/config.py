@@ -1,0 +1,105 @@
+"""Engine settings chosen for our architectures, applied through vLLM's per-architecture config hook.
+
+``vllm.model_executor.models.config.MODELS_CONFIG_MAP`` maps an architecture to a class whose
+``verify_and_update_config(vllm_config)`` runs in ``VllmConfig.__post_init__`` before the
+platform fills its defaults, so ``LLM(model=dir)`` needs no extra flags.
+"""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+
+from vllm_blockdiff.options import ModelDefaults
+
+logger = init_logger(__name__)
+
+BD3LM_ARCHITECTURES = ("A2DQwen2LMHeadModel",)
+DEFAULT_BD3LM_BLOCK_SIZE = 32
+# KV page size for our models: a multiple of every block size a request may ask for (prefix
+# caching hashes whole pages), and of 32 (CPU attention) and 16 (GPU attention kernels).
+DEFAULT_KV_PAGE_SIZE = 128
+BD3LM_MASK_TOKEN = "<|mask|>"
+
+
+def family_of(architectures) -> str | None:
+    archs = set(architectures or ())
+    if archs & set(BD3LM_ARCHITECTURES):
+        return "bd3lm"
+    return None
+
+
+def _resolve_mask_token_id(model_config) -> int:
+    hf_config = model_config.hf_config
+    for attr in ("mask_token_id", "text_mask_token_id"):
+        value = getattr(hf_config, attr, None)
+        if isinstance(value, int):
+            return value
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_config.tokenizer,
+        revision=model_config.tokenizer_revision,
+        trust_remote_code=model_config.trust_remote_code,
+    )
+    mask_id = tokenizer.mask_token_id
+    if mask_id is None:
+        mask_id = tokenizer.convert_tokens_to_ids(BD3LM_MASK_TOKEN)
+    if mask_id is None or mask_id == tokenizer.unk_token_id:
+        raise ValueError(
+            f"{model_config.model}: the tokenizer has no mask token ({BD3LM_MASK_TOKEN}); "
+            "a BD3LM checkpoint needs one"
+        )
+    return int(mask_id)
+
+
+class BlockDiffusionConfigHook:
+    """Selects our scheduler and worker and a prefix-cache-safe KV page size."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from vllm.platforms import current_platform
+
+        model_config = vllm_config.model_config
+        hf_config = model_config.hf_config
+        hf_config.blockdiff_family = family_of(model_config.architectures)
+        hf_config.blockdiff_mask_token_id = _resolve_mask_token_id(model_config)
+        hf_config.blockdiff_block_size = int(getattr(hf_config, "bd3lm_block_size", DEFAULT_BD3LM_BLOCK_SIZE))
+
+        sched = vllm_config.scheduler_config
+        sched.scheduler_cls = "vllm_blockdiff.engine.scheduler.BlockDiffScheduler"
+        # Each step's commits decide the next step's input; nothing can be scheduled ahead.
+        sched.async_scheduling = False
+
+        parallel = vllm_config.parallel_config
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = (
+                "vllm_blockdiff.engine.worker.BlockDiffCPUWorker"
+                if current_platform.is_cpu()
+                else "vllm_blockdiff.engine.worker.BlockDiffGPUWorker"
+            )
+        cache = vllm_config.cache_config
+        if not cache.user_specified_block_size:
+            cache.block_size = DEFAULT_KV_PAGE_SIZE
+        logger.info(
+            "vllm_blockdiff: %s checkpoint, mask id %d, KV page %d, worker %s",
+            hf_config.blockdiff_family,
+            hf_config.blockdiff_mask_token_id,
+            cache.block_size,
+            parallel.worker_cls,
+        )
+
+
+def model_defaults(vllm_config) -> ModelDefaults:
+    """The per-model option defaults the scheduler, runner and validator share."""
+    hf_config = vllm_config.model_config.hf_config
+    return ModelDefaults(
+        family=hf_config.blockdiff_family,
+        mask_token_id=hf_config.blockdiff_mask_token_id,
+        block_size=hf_config.blockdiff_block_size,
+        kv_page_size=vllm_config.cache_config.block_size,
+        max_model_len=vllm_config.model_config.max_model_len,
+    )

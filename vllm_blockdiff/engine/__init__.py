@@ -1,0 +1,1 @@
+"""Engine glue: the scheduler, the model runner and the attention segment planner."""

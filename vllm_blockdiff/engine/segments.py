@@ -1,0 +1,99 @@
+"""Attention segments: how one step's tokens of one request see the paged KV cache.
+
+vLLM's attention kernels take, per row, a query span, a KV length (``seq_len``) and a block
+table, and attend to KV slots ``[0, seq_len)``. A diffusion request's query is cut into
+segments, each a row with its own ``seq_len`` and the request's block-table row repeated:
+
+- BD3LM: every segment is one diffusion block (or the part of it scheduled this step) and is
+  bidirectional with ``seq_len`` = its end, which gives exactly the block-causal
+  ("staircase") mask: a token sees every earlier block and its whole block so far.
+- The canvas (the mask slots being denoised) is one more bidirectional segment; it lies inside
+  one block, so it sees the block's committed/prompt tokens and all earlier blocks.
+
+KV for all scheduled tokens is written before attention runs, so a later segment of the same
+request sees the KV an earlier segment of the same step wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class CanvasRow:
+    """Where one request's canvas sits in this step's flattened query."""
+
+    req_index: int
+    req_id: str
+    token_offset: int
+    length: int
+
+
+@dataclass
+class StepPlan:
+    """The segments of one forward pass plus the canvases whose logits are needed."""
+
+    query_start: list[int] = field(default_factory=lambda: [0])
+    seq_lens: list[int] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    causal: list[int] = field(default_factory=list)
+    canvases: list[CanvasRow] = field(default_factory=list)
+
+    def add(self, owner: int, num_query: int, seq_len: int, causal: bool = False) -> None:
+        self.query_start.append(self.query_start[-1] + num_query)
+        self.seq_lens.append(seq_len)
+        self.owners.append(owner)
+        self.causal.append(int(causal))
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seq_lens)
+
+    def logits_indices(self) -> np.ndarray:
+        if not self.canvases:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(
+            [np.arange(c.token_offset, c.token_offset + c.length) for c in self.canvases]
+        ).astype(np.int64)
+
+
+def add_block_causal_segments(
+    plan: StepPlan, owner: int, start: int, end: int, block_size: int
+) -> None:
+    """Tokens at absolute positions ``[start, end)``, cut at multiples of ``block_size``."""
+    pos = start
+    while pos < end:
+        seg_end = min(end, (pos // block_size + 1) * block_size)
+        plan.add(owner, seg_end - pos, seg_end, causal=False)
+        pos = seg_end
+
+
+def segmented_metadata(cm, plan: StepPlan):
+    """A ``CommonAttentionMetadata`` whose rows are the plan's segments instead of requests."""
+    device = cm.query_start_loc.device
+    query_start_cpu = torch.tensor(plan.query_start, dtype=torch.int32)
+    seq_lens_cpu = torch.tensor(plan.seq_lens, dtype=torch.int32)
+    owners = torch.tensor(plan.owners, dtype=torch.long, device=cm.block_table_tensor.device)
+    query_lens = np.diff(np.asarray(plan.query_start))
+    if any(plan.causal):
+        causal: bool | torch.Tensor = torch.tensor(plan.causal, dtype=torch.int32, device=device)
+    else:
+        causal = False
+    return cm.replace(
+        query_start_loc=query_start_cpu.to(device),
+        query_start_loc_cpu=query_start_cpu,
+        seq_lens=seq_lens_cpu.to(device),
+        seq_lens_cpu_upper_bound=seq_lens_cpu,
+        num_reqs=plan.num_segments,
+        max_query_len=int(query_lens.max()),
+        max_seq_len=int(max(plan.seq_lens)),
+        block_table_tensor=cm.block_table_tensor.index_select(0, owners),
+        causal=causal,
+        is_prefilling=torch.zeros(plan.num_segments, dtype=torch.bool),
+        req_idx=np.asarray(plan.owners),
+        _num_computed_tokens_cache=None,
+        _token_to_req_indices_cache=None,
+    )

@@ -1,0 +1,1 @@
+"""Networks and weight loading for the served checkpoint families."""

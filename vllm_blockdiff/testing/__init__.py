@@ -1,0 +1,1 @@
+"""Test helpers: tiny random checkpoints in the published BD3LM / SDLM layouts."""
