@@ -1,0 +1,76 @@
+"""The card's BD3LM rules as pure functions (no vLLM)."""
+
+import pytest
+import torch
+
+from vllm_blockdiff.algorithms import bd3lm
+
+MASK = 99
+
+
+@pytest.mark.parametrize(
+    "masks,steps,expected",
+    [(32, 32, [1] * 32), (32, 8, [4] * 8), (27, 20, [2] * 7 + [1] * 13), (5, 8, [1] * 5), (7, 3, [3, 2, 2])],
+)
+def test_transfer_schedule_is_uniform_split_without_empty_steps(masks, steps, expected):
+    assert bd3lm.transfer_schedule(masks, steps) == expected
+    assert sum(expected) == masks
+
+
+def test_steps_per_block_follows_card():
+    assert bd3lm.steps_per_block(128, 128, 32) == 32
+    assert bd3lm.steps_per_block(40, 40, 32) == 20
+    assert bd3lm.steps_per_block(16, 70, 32) == 6
+
+
+@pytest.mark.parametrize("num_tokens,expected", [(0, 32), (5, 27), (32, 32), (63, 1)])
+def test_first_chunk_completes_partial_block(num_tokens, expected):
+    assert bd3lm.first_chunk_len(num_tokens, 32) == expected
+
+
+def test_next_chunk_is_capped_by_remaining_budget():
+    assert bd3lm.next_chunk_len(40, 20, 30, 32) == 10
+
+
+def test_low_confidence_commits_most_confident_masked_positions():
+    logits = torch.full((4, 8), -5.0)
+    logits[0, 1] = 1.0  # weak
+    logits[1, 2] = 9.0  # strongest
+    logits[2, 3] = 5.0
+    logits[3, 4] = 20.0  # already committed position: ignored
+    canvas = torch.tensor([MASK, MASK, MASK, 7])
+    out = bd3lm.denoise_step(logits, canvas, MASK, 2)
+    assert out.tolist() == [MASK, 2, 3, 7]
+
+
+def test_committed_tokens_never_change_and_k_is_capped():
+    logits = torch.randn(3, 10)
+    canvas = torch.tensor([4, MASK, 5])
+    out = bd3lm.denoise_step(logits, canvas, MASK, 5)
+    assert out[0] == 4 and out[2] == 5 and out[1] != MASK or logits[1].argmax() == MASK
+
+
+def test_sampling_is_reproducible_per_generator_and_differs_across_seeds():
+    logits = torch.randn(6, 50)
+    canvas = torch.full((6,), MASK)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return bd3lm.denoise_step(logits, canvas, MASK, 3, temperature=1.0, remasking="random", generator=g)
+
+    assert torch.equal(run(1), run(1))
+    assert any(not torch.equal(run(1), run(s)) for s in range(2, 6))
+
+
+def test_gumbel_argmax_matches_card_formula():
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 40)
+    ours = bd3lm.gumbel_argmax(logits, 0.7, g1)
+    u = torch.rand(logits.shape, dtype=torch.float64, generator=g2)
+    card = (logits.to(torch.float64).exp() / (-torch.log(u)) ** 0.7).argmax(-1)
+    assert torch.equal(ours, card)
+
+
+def test_unknown_remasking_is_rejected():
+    with pytest.raises(ValueError, match="remasking"):
+        bd3lm.denoise_step(torch.randn(2, 5), torch.tensor([MASK, MASK]), MASK, 1, remasking="bogus")

@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny checkpoints in the published layouts, references, and shared engines.
+
+Engines are expensive (seconds in-process, ~40 s in a subprocess), so each is built once per
+session. The in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) lets tests look at the
+scheduler; at most one can live in a process, the others run the default subprocess engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+EOS_ID = 151645
+PAD_ID = 151643
+MASK_ID = 151665
+STOP_IDS = (EOS_ID, PAD_ID)  # generation_config.json eos list: vLLM stops at either
+
+
+@contextlib.contextmanager
+def env(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def boost_token(ckpt: Path, token_id: int, factor: float) -> None:
+    """Scale one row of the stored lm_head so the random model emits that token now and then."""
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt / "model.safetensors"
+    weights = load_file(str(path))
+    head = weights["lm_head.weight"].clone()
+    head[token_id] *= factor
+    weights["lm_head.weight"] = head
+    save_file(weights, str(path))
+
+
+def random_prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(0, PAD_ID) for _ in range(length)]
+
+
+def truncate_at_stop(tokens: list[int], stop_ids=STOP_IDS) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def bd3lm_ckpt(tmp_path_factory) -> Path:
+    """Tied-embedding BD3LM checkpoint (the hub's 0.5B layout, tiny sizes)."""
+    from vllm_blockdiff.testing.tiny_checkpoints import build_bd3lm_checkpoint
+
+    return build_bd3lm_checkpoint(tmp_path_factory.mktemp("bd3lm"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def bd3lm_eos_ckpt(tmp_path_factory) -> Path:
+    """Untied ``lm_head.weight`` stored beside ``tie_word_embeddings: true``; eos fairly likely."""
+    from vllm_blockdiff.testing.tiny_checkpoints import build_bd3lm_checkpoint
+
+    ckpt = build_bd3lm_checkpoint(tmp_path_factory.mktemp("bd3lm_eos"), seed=1, untied_lm_head=True)
+    boost_token(ckpt, EOS_ID, 2.5)
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def reference_threads():
+    # 2 OpenMP threads on this 2-core box make small matmuls ~100x slower than 1.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_llm(model: Path, **kwargs):
+    from vllm import LLM
+
+    args = dict(
+        model=str(model),
+        dtype="float32",
+        max_model_len=1024,
+        gpu_memory_utilization=0.15,
+        enforce_eager=True,
+        seed=0,
+    )
+    args.update(kwargs)
+    return LLM(**args)
+
+
+@pytest.fixture(scope="session")
+def inproc_llm(bd3lm_ckpt):
+    """The default engine (prefix caching on), in this process so tests can inspect its scheduler."""
+    with env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
+        llm = make_llm(bd3lm_ckpt)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
