@@ -74,3 +74,17 @@ def test_gumbel_argmax_matches_card_formula():
 def test_unknown_remasking_is_rejected():
     with pytest.raises(ValueError, match="remasking"):
         bd3lm.denoise_step(torch.randn(2, 5), torch.tensor([MASK, MASK]), MASK, 1, remasking="bogus")
+
+
+@pytest.mark.parametrize("remasking,temperature", [("low_confidence", 0.0), ("random", 0.0), ("low_confidence", 0.9)])
+def test_logits_at_masked_positions_only_give_the_same_step(remasking, temperature):
+    """The engine skips the lm_head at committed canvas positions; the step must not notice."""
+    torch.manual_seed(0)
+    logits = torch.randn(8, 30)
+    canvas = torch.tensor([MASK, 3, MASK, MASK, 4, MASK, 5, MASK])
+    positions = torch.nonzero(canvas == MASK).squeeze(-1)
+    full = bd3lm.denoise_step(logits, canvas, MASK, 2, temperature=temperature, remasking=remasking,
+                              generator=torch.Generator().manual_seed(1))
+    part = bd3lm.denoise_step(logits[positions], canvas, MASK, 2, temperature=temperature, remasking=remasking,
+                              generator=torch.Generator().manual_seed(1), positions=positions)
+    assert torch.equal(full, part)

@@ -175,9 +175,12 @@ def test_eos_stops_mid_block_with_untied_head(bd3lm_eos_ckpt, reference_threads)
     ],
 )
 def test_bad_options_are_rejected_and_engine_keeps_serving(inproc_llm, extra, param):
-    with pytest.raises(ValueError, match=param):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=param) as err:
         inproc_llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=8, extra_args=extra),
                             use_tqdm=False)
+    assert err.value.parameter == param
     [out] = _run(inproc_llm, [[1, 2, 3]], SamplingParams(max_tokens=8))
     assert len(out) == 8
 

@@ -55,29 +55,40 @@ def denoise_step(
     temperature: float = 0.0,
     remasking: str = "low_confidence",
     generator: torch.Generator | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One BD3LM step on a chunk: commit the ``num_commits`` most confident masked positions.
 
-    ``logits``: [chunk_len, vocab] for the chunk positions (no shift: position i predicts i).
-    Returns the new canvas; committed tokens never change. Random draws, in order: the
-    Gumbel noise (temperature > 0), then the random confidences (``remasking="random"``).
+    ``logits``: [len(positions), vocab], the logits at canvas ``positions`` (default: every
+    position; no shift, position i predicts token i). ``positions`` must cover every masked
+    position: only those can commit, so callers may skip the lm_head elsewhere. Committed tokens
+    never change. Random draws, in order, always for the whole chunk so the stream does not depend
+    on ``positions``: the Gumbel noise (temperature > 0), then the random confidences.
     """
     masked = canvas == mask_id
     if not bool(masked.any()):
         return canvas
-    x0 = gumbel_argmax(logits, temperature, generator)
+    chunk_len = canvas.shape[0]
+    if positions is None:
+        positions = torch.arange(chunk_len, device=canvas.device)
+    if temperature == 0:
+        x0 = logits.argmax(dim=-1)
+    else:
+        u = torch.rand((chunk_len, logits.shape[-1]), dtype=torch.float64, generator=generator,
+                       device=logits.device)[positions]
+        x0 = (logits.to(torch.float64) - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
     if remasking == "low_confidence":
         probs = torch.softmax(logits.float(), dim=-1)
         confidence = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     elif remasking == "random":
-        confidence = torch.rand(canvas.shape, generator=generator, device=logits.device)
+        confidence = torch.rand((chunk_len,), generator=generator, device=logits.device)[positions]
     else:
         raise ValueError(f"unknown remasking {remasking!r}; expected one of {REMASKING_MODES}")
-    confidence = torch.where(masked, confidence, torch.full_like(confidence, -math.inf))
+    confidence = torch.where(masked[positions], confidence, torch.full_like(confidence, -math.inf))
     k = min(num_commits, int(masked.sum()))
     chosen = torch.topk(confidence, k).indices
     out = canvas.clone()
-    out[chosen] = x0[chosen].to(out.dtype)
+    out[positions[chosen]] = x0[chosen].to(out.dtype)
     return out
 
 

@@ -110,8 +110,10 @@ class BlockDiffRunnerMixin:
             add_block_causal_segments(plan, req_index, computed, regular_end, block_size)
             if num_canvas:
                 plan.add(req_index, num_canvas, regular_end + num_canvas, causal=False)
+                canvas = self._states[req_id].chunk.canvas
+                masked = np.flatnonzero(canvas.numpy() == self._defaults.mask_token_id)
                 plan.canvases.append(
-                    CanvasRow(req_index, req_id, offset + num_sched - num_canvas, num_canvas)
+                    CanvasRow(req_index, req_id, offset + num_sched - num_canvas, num_canvas, masked)
                 )
             offset += num_sched
         self._plan = plan
@@ -161,8 +163,9 @@ class BlockDiffRunnerMixin:
         for canvas_row in plan.canvases:
             state = self._states[canvas_row.req_id]
             chunk = state.chunk
-            chunk_logits = logits[row : row + canvas_row.length]
-            row += canvas_row.length
+            positions = torch.from_numpy(canvas_row.logit_positions).to(logits.device)
+            chunk_logits = logits[row : row + len(positions)]
+            row += len(positions)
             opts = state.options
             # The card runs a fixed number of steps: a position may "commit" the mask id itself
             # and stay masked, so completion is counted in steps, not in masks left.
@@ -175,6 +178,7 @@ class BlockDiffRunnerMixin:
                 temperature=opts.temperature,
                 remasking=opts.remasking,
                 generator=state.generator,
+                positions=positions,
             ).cpu()
             done = not chunk.commits
             hit_eos = state.eos_token_id is not None and bool((chunk.canvas == state.eos_token_id).any())

@@ -30,6 +30,8 @@ class CanvasRow:
     req_id: str
     token_offset: int
     length: int
+    # Canvas positions whose logits are computed: the still-masked ones (only they can commit).
+    logit_positions: np.ndarray
 
 
 @dataclass
@@ -55,9 +57,7 @@ class StepPlan:
     def logits_indices(self) -> np.ndarray:
         if not self.canvases:
             return np.zeros(0, dtype=np.int64)
-        return np.concatenate(
-            [np.arange(c.token_offset, c.token_offset + c.length) for c in self.canvases]
-        ).astype(np.int64)
+        return np.concatenate([c.token_offset + c.logit_positions for c in self.canvases]).astype(np.int64)
 
 
 def add_block_causal_segments(
