@@ -79,8 +79,10 @@ class BlockDiffusionConfigHook:
             parallel.worker_cls = (
                 "vllm_blockdiff.engine.worker.BlockDiffCPUWorker"
                 if current_platform.is_cpu()
-                else "vllm_blockdiff.engine.worker.BlockDiffGPUWorker"
+                else "vllm_blockdiff.engine.gpu_worker.BlockDiffGPUWorker"
             )
+        if not current_platform.is_cpu():
+            _use_v1_runner_with_piecewise_graphs(vllm_config)
         cache = vllm_config.cache_config
         if not cache.user_specified_block_size:
             cache.block_size = DEFAULT_KV_PAGE_SIZE
@@ -91,6 +93,23 @@ class BlockDiffusionConfigHook:
             cache.block_size,
             parallel.worker_cls,
         )
+
+
+def _use_v1_runner_with_piecewise_graphs(vllm_config) -> None:
+    """GPU: our runner extends the V1 runner, and attention rows are segments, not requests.
+
+    Model Runner V2 is the GPU default in 0.32; workers read the variable when they start.
+    Full CUDA graphs bake the attention metadata's row count (requests) into the graph, while
+    our rows are segments, so only piecewise graphs (attention runs eagerly) are safe.
+    """
+    import os
+
+    from vllm.config import CUDAGraphMode
+
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    compilation = vllm_config.compilation_config
+    if compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
 def model_defaults(vllm_config) -> ModelDefaults:

@@ -1,4 +1,7 @@
-"""Workers that build our model runner instead of vLLM's (selected by ``parallel_config.worker_cls``)."""
+"""CPU worker that builds our model runner instead of vLLM's (selected by ``parallel_config.worker_cls``).
+
+The GPU twin is ``gpu_worker``; each imports only its own platform's modules.
+"""
 
 from __future__ import annotations
 
@@ -32,24 +35,3 @@ class BlockDiffCPUWorker(CPUWorker):
             super().init_device()
         if not isinstance(self.model_runner, BlockDiffRunnerMixin):
             raise RuntimeError("vllm_blockdiff needs the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
-
-
-def _gpu_worker_cls():
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm.v1.worker.gpu_worker import Worker
-
-    class BlockDiffGPUModelRunner(BlockDiffRunnerMixin, GPUModelRunner):
-        pass
-
-    class BlockDiffGPUWorker(Worker):
-        def _make_model_runner(self):
-            return BlockDiffGPUModelRunner(self.vllm_config, self.device)
-
-    return BlockDiffGPUWorker
-
-
-def __getattr__(name: str):
-    # The GPU worker imports CUDA-only modules; build it only when asked for.
-    if name == "BlockDiffGPUWorker":
-        return _gpu_worker_cls()
-    raise AttributeError(name)
