@@ -108,7 +108,7 @@ def _use_v1_runner_with_piecewise_graphs(vllm_config) -> None:
 
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     compilation = vllm_config.compilation_config
-    if compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+    if compilation.cudagraph_mode != CUDAGraphMode.NONE:
         compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
