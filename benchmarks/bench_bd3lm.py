@@ -49,6 +49,10 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     args = ap.parse_args()
     steps = args.steps or args.new_tokens
+    if os.environ.get("BENCH_TRACEBACK_EVERY"):
+        import faulthandler  # where a stuck start-up is stuck
+
+        faulthandler.dump_traceback_later(int(os.environ["BENCH_TRACEBACK_EVERY"]), repeat=True)
 
     import torch
     from vllm import LLM, SamplingParams
