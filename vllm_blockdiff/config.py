@@ -86,6 +86,8 @@ class BlockDiffusionConfigHook:
         cache = vllm_config.cache_config
         if not cache.user_specified_block_size:
             cache.block_size = DEFAULT_KV_PAGE_SIZE
+            # Otherwise the platform replaces it with its attention backend's preference (GPU: 16).
+            cache.user_specified_block_size = True
         logger.info(
             "vllm_blockdiff: %s checkpoint, mask id %d, KV page %d, worker %s",
             hf_config.blockdiff_family,
