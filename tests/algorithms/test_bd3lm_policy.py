@@ -88,3 +88,23 @@ def test_logits_at_masked_positions_only_give_the_same_step(remasking, temperatu
     part = bd3lm.denoise_step(logits[positions], canvas, MASK, 2, temperature=temperature, remasking=remasking,
                               generator=torch.Generator().manual_seed(1), positions=positions)
     assert torch.equal(full, part)
+
+
+def test_batched_step_equals_one_step_per_chunk():
+    torch.manual_seed(1)
+    specs = [
+        (torch.tensor([MASK, MASK, 3, MASK]), 2, 0.0, "low_confidence"),
+        (torch.tensor([MASK, 5, MASK]), 1, 0.8, "low_confidence"),
+        (torch.tensor([MASK, MASK, MASK, MASK, MASK]), 3, 0.0, "random"),
+        (torch.tensor([1, 2]), 1, 0.0, "low_confidence"),  # nothing masked
+    ]
+    logits_rows, batch, singles = [], [], []
+    for j, (canvas, k, temp, rm) in enumerate(specs):
+        positions = torch.nonzero(canvas == MASK).squeeze(-1)
+        rows = torch.randn(len(positions), 40)
+        logits_rows.append(rows)
+        batch.append(bd3lm.ChunkStep(canvas, positions, k, temp, rm, torch.Generator().manual_seed(j)))
+        singles.append(bd3lm.denoise_step(rows, canvas, MASK, k, temperature=temp, remasking=rm,
+                                          generator=torch.Generator().manual_seed(j), positions=positions))
+    got = bd3lm.denoise_batch(torch.cat(logits_rows), batch, MASK)
+    assert all(torch.equal(a, b) for a, b in zip(got, singles))

@@ -158,31 +158,28 @@ class BlockDiffRunnerMixin:
         num_reqs = self.input_batch.num_reqs
         width = max([2] + [c.length for c in plan.canvases])
         out = torch.full((num_reqs, width), -1, dtype=torch.int32)
-        row = 0
         mask_id = self._defaults.mask_token_id
+        steps = []
         for canvas_row in plan.canvases:
             state = self._states[canvas_row.req_id]
-            chunk = state.chunk
-            positions = torch.from_numpy(canvas_row.logit_positions).to(logits.device)
-            chunk_logits = logits[row : row + len(positions)]
-            row += len(positions)
-            opts = state.options
             # The card runs a fixed number of steps: a position may "commit" the mask id itself
             # and stay masked, so completion is counted in steps, not in masks left.
-            num_commits = chunk.commits.pop(0)
-            chunk.canvas = bd3lm.denoise_step(
-                chunk_logits,
-                chunk.canvas.to(chunk_logits.device),
-                mask_id,
-                num_commits,
-                temperature=opts.temperature,
-                remasking=opts.remasking,
-                generator=state.generator,
-                positions=positions,
-            ).cpu()
-            done = not chunk.commits
-            hit_eos = state.eos_token_id is not None and bool((chunk.canvas == state.eos_token_id).any())
-            if done or hit_eos:
-                out[canvas_row.req_index, : canvas_row.length] = chunk.canvas.to(torch.int32)
+            steps.append(
+                bd3lm.ChunkStep(
+                    state.chunk.canvas,
+                    torch.from_numpy(canvas_row.logit_positions),
+                    state.chunk.commits.pop(0),
+                    state.options.temperature,
+                    state.options.remasking,
+                    state.generator,
+                )
+            )
+        new_canvases = bd3lm.denoise_batch(logits, steps, mask_id) if steps else []
+        for canvas_row, canvas in zip(plan.canvases, new_canvases):
+            state = self._states[canvas_row.req_id]
+            state.chunk.canvas = canvas
+            hit_eos = state.eos_token_id is not None and bool((canvas == state.eos_token_id).any())
+            if not state.chunk.commits or hit_eos:
+                out[canvas_row.req_index, : canvas_row.length] = canvas.to(torch.int32)
                 state.chunk = None
         return SamplerOutput(sampled_token_ids=out.to(self.device), logprobs_tensors=None)
