@@ -100,7 +100,7 @@ def make_llm(model: Path, **kwargs):
     return LLM(**args)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def inproc_llm(bd3lm_ckpt):
     """The default engine (prefix caching on), in this process so tests can inspect its scheduler."""
     with env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):

@@ -1,4 +1,4 @@
-"""BD3LM through the real vLLM engine, token-exact against the reference of the seed card."""
+"""BD3LM through the real vLLM engine (in this process), token-exact against the card's reference."""
 
 from __future__ import annotations
 
@@ -140,29 +140,6 @@ def test_prefix_is_never_recomputed(inproc_llm):
     assert steps_seen == expected
 
 
-def test_eos_stops_mid_block_with_untied_head(bd3lm_eos_ckpt, reference_threads):
-    """Subprocess engine, prefix caching off, checkpoint storing lm_head beside tie_word_embeddings."""
-    from tests.conftest import make_llm
-
-    model = load_reference_model(bd3lm_eos_ckpt)
-    llm = make_llm(bd3lm_eos_ckpt, enable_prefix_caching=False)
-    try:
-        rng = random.Random(0)
-        prompts = [random_prompt(rng, rng.randrange(3, 60)) for _ in range(16)]
-        case = Case(0, 64, steps=32)
-        outs = _run(llm, prompts, case.params())
-        expected = [case.reference(model, p) for p in prompts]
-        assert outs == expected
-        stopped_early = [o for o in outs if len(o) < 64]
-        assert stopped_early and all(o[-1] == EOS_ID for o in stopped_early)
-        # Shared-prefix prompts without the cache give the same answers as with it.
-        prefix = random_prompt(rng, 150)
-        shared = [prefix + random_prompt(rng, n) for n in (0, 5)]
-        assert _run(llm, shared, Case(0, 40).params()) == [Case(0, 40).reference(model, p) for p in shared]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-
-
 @pytest.mark.parametrize(
     "extra,param",
     [
@@ -191,3 +168,12 @@ def test_defaults_follow_the_card(inproc_llm, ref_model):
     [got] = _run(inproc_llm, [prompt], SamplingParams(max_tokens=24, temperature=0.0))
     assert got == Case(21, 24).reference(ref_model, prompt)
     assert MASK_ID not in got or True  # masks may be committed by a random model; exactness is the check
+
+
+def test_generation_stops_at_the_context_limit(inproc_llm, ref_model):
+    """prompt + max_tokens beyond max_model_len (1024): exact up to the limit, then length-capped."""
+    prompt = random_prompt(random.Random(11), 1000)
+    [out] = inproc_llm.generate([{"prompt_token_ids": prompt}], Case(1000, 60, steps=60).params(), use_tqdm=False)
+    got = list(out.outputs[0].token_ids)
+    assert len(got) == 24 and out.outputs[0].finish_reason == "length"
+    assert got == Case(1000, 24, steps=24).reference(ref_model, prompt)

@@ -93,4 +93,6 @@ class BlockDiffScheduler(Scheduler):
         chunk_len = bd3lm.next_chunk_len(
             request.num_tokens, request.num_output_tokens, opts.max_tokens, block
         )
+        # Never claim slots past the context; vLLM ends the request there (length capped).
+        chunk_len = min(chunk_len, self.max_model_len - request.num_tokens)
         request.spec_token_ids = [self._defaults.mask_token_id] * chunk_len

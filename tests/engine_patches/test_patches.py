@@ -1,0 +1,48 @@
+"""Every patch module is registered, applied, documented, and guards against upstream drift."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+
+import engine_patches
+
+REQUIRED_DOC_FIELDS = ("Target:", "Why:", "How:", "Upstream PR:", "Drift guard:")
+
+
+def test_every_patch_module_is_registered():
+    modules = {m.name for m in pkgutil.iter_modules(engine_patches.__path__)}
+    assert modules == set(engine_patches.PATCHES)
+
+
+@pytest.mark.parametrize("name", engine_patches.PATCHES)
+def test_patch_is_documented(name):
+    doc = importlib.import_module(f"engine_patches.{name}").__doc__ or ""
+    for field in REQUIRED_DOC_FIELDS:
+        assert field in doc, f"engine_patches.{name} docstring lacks {field!r}"
+
+
+def test_input_processor_patch_is_applied_once():
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    engine_patches.apply_all()
+    patched = InputProcessor._validate_params
+    engine_patches.apply_all()
+    assert InputProcessor._validate_params is patched
+    assert getattr(patched, "_blockdiff_patched", False)
+
+
+def test_input_processor_patch_refuses_a_changed_upstream_signature(monkeypatch):
+    from vllm.v1.engine import input_processor as upstream
+
+    from engine_patches import input_processor
+
+    class Drifted:
+        def _validate_params(self, params, supported_tasks, extra):  # upstream grew a parameter
+            return None
+
+    monkeypatch.setattr(upstream, "InputProcessor", Drifted)
+    with pytest.raises(RuntimeError, match="changed upstream"):
+        input_processor.apply()

@@ -1,0 +1,45 @@
+"""Request-option validation (pure; the engine-level rejection is in tests/engine)."""
+
+import pytest
+from vllm import SamplingParams
+
+from vllm_blockdiff.options import ModelDefaults, OptionError, resolve_bd3lm_options, validate_request
+
+DEFAULTS = ModelDefaults(family="bd3lm", mask_token_id=151665, block_size=32, kv_page_size=128, max_model_len=1024)
+
+
+def test_card_defaults():
+    opts = resolve_bd3lm_options(SamplingParams(max_tokens=128), DEFAULTS)
+    assert (opts.steps, opts.block_size, opts.remasking, opts.cfg_scale) == (128, 32, "low_confidence", 0.0)
+    assert opts.steps_per_block == 32
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        (dict(extra_args={"steps": 0}), "steps"),
+        (dict(extra_args={"steps": 2.5}), "steps"),
+        (dict(extra_args={"steps": True}), "steps"),
+        (dict(extra_args={"block_size": 48}), "block_size"),
+        (dict(extra_args={"block_size": 256}), "block_size"),
+        (dict(extra_args={"remasking": "entropy"}), "remasking"),
+        (dict(extra_args={"cfg_scale": -1}), "cfg_scale"),
+        (dict(extra_args={"threshold": 0.9}), "threshold"),
+        (dict(top_p=0.9), "top_p"),
+        (dict(top_k=5), "top_k"),
+        (dict(presence_penalty=0.5), "presence_penalty"),
+        (dict(logprobs=2), "logprobs"),
+    ],
+)
+def test_bad_values_name_the_parameter(kwargs, param):
+    with pytest.raises(OptionError) as err:
+        resolve_bd3lm_options(SamplingParams(max_tokens=16, **kwargs), DEFAULTS)
+    assert err.value.parameter == param
+    assert param in str(err.value)
+
+
+def test_prompt_plus_max_tokens_must_fit_the_context():
+    with pytest.raises(OptionError) as err:
+        validate_request(SamplingParams(max_tokens=1000), DEFAULTS, prompt_len=100)
+    assert err.value.parameter == "max_tokens"
+    validate_request(SamplingParams(max_tokens=900), DEFAULTS, prompt_len=100)
