@@ -66,7 +66,7 @@ def main() -> None:
         model=str(ckpt),
         dtype=args.dtype,
         max_model_len=max(1024, args.prompt_len + args.new_tokens + 64),
-        gpu_memory_utilization=0.2 if device == "cpu" else 0.5,
+        gpu_memory_utilization=0.4 if device == "cpu" else 0.5,
         enforce_eager=args.enforce_eager,
         seed=0,
     )

@@ -43,3 +43,11 @@ def test_prompt_plus_max_tokens_must_fit_the_context():
         validate_request(SamplingParams(max_tokens=1000), DEFAULTS, prompt_len=100)
     assert err.value.parameter == "max_tokens"
     validate_request(SamplingParams(max_tokens=900), DEFAULTS, prompt_len=100)
+
+
+def test_block_must_fit_one_step_with_its_clean_pass():
+    small = ModelDefaults("bd3lm", 151665, 32, 128, 1024, max_step_tokens=100)
+    resolve_bd3lm_options(SamplingParams(max_tokens=8, extra_args={"block_size": 32}), small)
+    with pytest.raises(OptionError) as err:
+        resolve_bd3lm_options(SamplingParams(max_tokens=8, extra_args={"block_size": 64}), small)
+    assert err.value.parameter == "block_size"

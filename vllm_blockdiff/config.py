@@ -67,7 +67,8 @@ class BlockDiffusionConfigHook:
         hf_config = model_config.hf_config
         hf_config.blockdiff_family = family_of(model_config.architectures)
         hf_config.blockdiff_mask_token_id = _resolve_mask_token_id(model_config)
-        hf_config.blockdiff_block_size = int(getattr(hf_config, "bd3lm_block_size", DEFAULT_BD3LM_BLOCK_SIZE))
+        # The hub's BD3LM configs carry no block size (the card's default 32 applies); honour one if present.
+        hf_config.blockdiff_block_size = int(getattr(hf_config, "block_size", None) or DEFAULT_BD3LM_BLOCK_SIZE)
 
         sched = vllm_config.scheduler_config
         sched.scheduler_cls = "vllm_blockdiff.engine.scheduler.BlockDiffScheduler"
@@ -123,4 +124,5 @@ def model_defaults(vllm_config) -> ModelDefaults:
         block_size=hf_config.blockdiff_block_size,
         kv_page_size=vllm_config.cache_config.block_size,
         max_model_len=vllm_config.model_config.max_model_len,
+        max_step_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
     )

@@ -30,6 +30,7 @@ class ModelDefaults:
     block_size: int  # BD3LM default block / SDLM window D
     kv_page_size: int
     max_model_len: int
+    max_step_tokens: int = 1 << 30  # scheduler token budget per step (max_num_batched_tokens)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,13 @@ def resolve_bd3lm_options(params: Any, defaults: ModelDefaults) -> BD3LMOptions:
         "block_size",
     )
 
+    # A block's clean pass and the next canvas run in one step and are never split.
+    _check(
+        2 * block_size <= defaults.max_step_tokens,
+        f"block_size {block_size} needs {2 * block_size} tokens per step, more than the engine's "
+        f"max_num_batched_tokens {defaults.max_step_tokens}",
+        "block_size",
+    )
     remasking = extra.get("remasking", "low_confidence")
     _check(
         remasking in REMASKING_MODES,

@@ -16,9 +16,10 @@ from tests.reference import load_reference_model
 
 
 def test_eos_stops_mid_block_with_untied_head(bd3lm_eos_ckpt, reference_threads):
-    """Subprocess engine, prefix caching off, checkpoint storing lm_head beside tie_word_embeddings."""
+    """Subprocess engine, prefix caching off, a 100-token step budget (prompts prefill in chunks that
+    end inside a block), and a checkpoint storing lm_head beside tie_word_embeddings: true."""
     model = load_reference_model(bd3lm_eos_ckpt)
-    llm = make_llm(bd3lm_eos_ckpt, enable_prefix_caching=False)
+    llm = make_llm(bd3lm_eos_ckpt, enable_prefix_caching=False, max_num_batched_tokens=100, max_num_seqs=8)
     try:
         rng = random.Random(0)
         prompts = [random_prompt(rng, rng.randrange(3, 60)) for _ in range(16)]
@@ -28,9 +29,10 @@ def test_eos_stops_mid_block_with_untied_head(bd3lm_eos_ckpt, reference_threads)
         assert outs == expected
         stopped_early = [o for o in outs if len(o) < 64]
         assert stopped_early and all(o[-1] == EOS_ID for o in stopped_early)
-        # Shared-prefix prompts without the cache give the same answers as with it.
+        # Shared-prefix prompts without the cache, longer than the step budget: prefilled in chunks
+        # of <= 100 tokens, each rolled back to its last whole block, then denoised exactly.
         prefix = random_prompt(rng, 150)
-        shared = [prefix + random_prompt(rng, n) for n in (0, 5)]
+        shared = [prefix + random_prompt(rng, n) for n in (0, 5, 77)]
         assert _run(llm, shared, Case(0, 40).params()) == [Case(0, 40).reference(model, p) for p in shared]
     finally:
         llm.llm_engine.engine_core.shutdown()

@@ -522,6 +522,7 @@ def build_bd3lm_checkpoint(
     written to config.json only when given.
     """
     _check_shape(hidden, heads, kv_heads)
+    shape = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {
@@ -532,15 +533,7 @@ def build_bd3lm_checkpoint(
             "AutoModelForMaskedLM": "modeling_qwen2.A2DQwen2LMHeadModel",
         },
         "model_type": "a2d-qwen2",
-        **_qwen2_config_fields(
-            vocab_size=QWEN2_VOCAB_SIZE,
-            hidden=hidden,
-            layers=layers,
-            heads=heads,
-            kv_heads=kv_heads,
-            intermediate=intermediate,
-            dtype=dtype,
-        ),
+        **_qwen2_config_fields(vocab_size=QWEN2_VOCAB_SIZE, dtype=dtype, **shape),
     }
     if block_size is not None:
         config["block_size"] = block_size
@@ -557,15 +550,7 @@ def build_bd3lm_checkpoint(
         declare_mask_token=True,
     )
     sd = random_qwen2_state_dict(
-        vocab_size=QWEN2_VOCAB_SIZE,
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        intermediate=intermediate,
-        store_lm_head=untied_lm_head,
-        seed=seed,
-        dtype=dtype,
+        vocab_size=QWEN2_VOCAB_SIZE, store_lm_head=untied_lm_head, seed=seed, dtype=dtype, **shape
     )
     _save_weights(out, sd)
     return out
@@ -591,17 +576,10 @@ def build_sdlm_checkpoint(
     """
     _check_shape(hidden, heads, kv_heads)
     assert D >= 2, "SDLM's window size D must be at least 2"
+    shape = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fields = _qwen2_config_fields(
-        vocab_size=SDLM_VOCAB_SIZE,
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        intermediate=intermediate,
-        dtype=dtype,
-    )
+    fields = _qwen2_config_fields(vocab_size=SDLM_VOCAB_SIZE, dtype=dtype, **shape)
     # SDLM's base is a Qwen2.5 *base* model: eos <|endoftext|>, no pad id in config.json.
     fields["eos_token_id"] = ENDOFTEXT_ID
     fields.pop("pad_token_id")
@@ -634,15 +612,7 @@ def build_sdlm_checkpoint(
         declare_mask_token=False,
     )
     sd = random_qwen2_state_dict(
-        vocab_size=SDLM_VOCAB_SIZE,
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        intermediate=intermediate,
-        store_lm_head=untied_lm_head,
-        seed=seed,
-        dtype=dtype,
+        vocab_size=SDLM_VOCAB_SIZE, store_lm_head=untied_lm_head, seed=seed, dtype=dtype, **shape
     )
     _save_weights(out, sd)
     return out
