@@ -6,12 +6,12 @@ placeholders of the chunk's mask slots):
    placeholders in the input ids;
 2. attention rows become segments (``segments.StepPlan``) so each token sees exactly the
    block-causal context;
-3. logits are computed only at canvas positions; the denoising policy commits tokens;
-4. the canvas is returned to the scheduler only when the chunk is finished (no masks left,
-   or the request's eos appeared), as that step's sampled tokens; otherwise nothing.
+3. logits are computed only at still-masked canvas positions; the denoising policy commits;
+4. the canvas is returned to the scheduler only when the chunk is finished (it ran all its
+   steps, or the request's eos appeared), as that step's sampled tokens; otherwise nothing.
 
-The canvas lives here, in ``self._chunks``, because the runner already caches committed tokens
-itself (``_bookkeeping_sync``); what it reports is what the scheduler appends.
+The canvas lives here, in ``self._states``, because the runner already caches committed tokens
+itself (``_bookkeeping_sync``): what it reports is exactly what the scheduler appends.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
 
 from vllm_blockdiff.algorithms import bd3lm
@@ -32,9 +31,6 @@ from vllm_blockdiff.engine.segments import (
     segmented_metadata,
 )
 from vllm_blockdiff.options import BD3LMOptions, resolve_bd3lm_options
-
-logger = init_logger(__name__)
-
 
 @dataclass
 class ChunkState:
