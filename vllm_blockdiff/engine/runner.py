@@ -16,6 +16,7 @@ itself (``_bookkeeping_sync``): what it reports is exactly what the scheduler ap
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,10 +66,12 @@ class BlockDiffRunnerMixin:
             params = self.requests[req_id].sampling_params
             options = resolve_bd3lm_options(params, self._defaults)
             generator = torch.Generator(device=self.device)
-            if options.seed is not None:
-                generator.manual_seed(options.seed)
-            else:
-                generator.seed()
+            # Unseeded requests get a seed derived from the (unique) request id, not from entropy:
+            # every tensor-parallel rank samples on its own and must draw the same numbers.
+            seed = options.seed
+            if seed is None:
+                seed = int.from_bytes(hashlib.sha256(req_id.encode()).digest()[:8], "little")
+            generator.manual_seed(seed)
             state = RequestState(options, generator, params.eos_token_id)
             self._states[req_id] = state
         return state
