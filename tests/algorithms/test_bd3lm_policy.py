@@ -91,6 +91,7 @@ def test_logits_at_masked_positions_only_give_the_same_step(remasking, temperatu
 
 
 def test_batched_step_equals_one_step_per_chunk():
+    """Requests batched in one step do not influence each other (own generator, own rows)."""
     torch.manual_seed(1)
     specs = [
         (torch.tensor([MASK, MASK, 3, MASK]), 2, 0.0, "low_confidence"),
@@ -108,3 +109,4 @@ def test_batched_step_equals_one_step_per_chunk():
                                           generator=torch.Generator().manual_seed(j), positions=positions))
     got = bd3lm.denoise_batch(torch.cat(logits_rows), batch, MASK)
     assert all(torch.equal(a, b) for a, b in zip(got, singles))
+    assert not torch.equal(got[0], specs[0][0]) and torch.equal(got[3], specs[3][0])

@@ -34,16 +34,26 @@ def transfer_schedule(num_masks: int, num_steps: int) -> list[int]:
     return [c for c in counts if c > 0]
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def gumbel_argmax(
+    logits: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None,
+    positions: torch.Tensor | None = None,
+    chunk_len: int | None = None,
+) -> torch.Tensor:
     """``argmax(exp(logits) / (-log u) ** temperature)`` in float64, the card's Gumbel-max sampling.
 
-    Computed as ``logits - temperature * log(-log u)`` (same argmax, no overflow).
+    Computed as ``logits - temperature * log(-log u)`` (same argmax, no overflow). The noise is
+    drawn for the whole chunk (``chunk_len`` rows) and the rows at ``positions`` are used, so the
+    random stream does not depend on which positions have logits.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
-    noisy = logits.to(torch.float64) - temperature * torch.log(-torch.log(u))
-    return noisy.argmax(dim=-1)
+    rows = logits.shape[0] if chunk_len is None else chunk_len
+    u = torch.rand((rows, logits.shape[-1]), dtype=torch.float64, generator=generator, device=logits.device)
+    if positions is not None:
+        u = u[positions.to(logits.device)]
+    return (logits.to(torch.float64) - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
 
 
 def denoise_step(
@@ -62,39 +72,13 @@ def denoise_step(
     ``logits``: [len(positions), vocab], the logits at canvas ``positions`` (default: every
     position; no shift, position i predicts token i). ``positions`` must cover every masked
     position: only those can commit, so callers may skip the lm_head elsewhere. Committed tokens
-    never change. Random draws, in order, always for the whole chunk so the stream does not depend
-    on ``positions``: the Gumbel noise (temperature > 0), then the random confidences.
+    never change. Random draws, in order, always for the whole chunk: the Gumbel noise
+    (temperature > 0), then the random confidences (``remasking="random"``).
     """
-    masked = canvas == mask_id
-    if not bool(masked.any()):
-        return canvas
-    chunk_len = canvas.shape[0]
     if positions is None:
-        positions = torch.arange(chunk_len, device=canvas.device)
-    if temperature == 0:
-        x0 = logits.argmax(dim=-1)
-    else:
-        u = torch.rand((chunk_len, logits.shape[-1]), dtype=torch.float64, generator=generator,
-                       device=logits.device)[positions]
-        x0 = (logits.to(torch.float64) - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
-    if remasking == "low_confidence":
-        probs = torch.softmax(logits.float(), dim=-1)
-        confidence = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    elif remasking == "random":
-        confidence = torch.rand((chunk_len,), generator=generator, device=logits.device)[positions]
-    else:
-        raise ValueError(f"unknown remasking {remasking!r}; expected one of {REMASKING_MODES}")
-    confidence = torch.where(masked[positions], confidence, torch.full_like(confidence, -math.inf))
-    k = min(num_commits, int(masked.sum()))
-    chosen = torch.topk(confidence, k).indices
-    out = canvas.clone()
-    out[positions[chosen]] = x0[chosen].to(out.dtype)
-    return out
-
-
-def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """Classifier-free guidance as the card mixes it: ``un + (scale + 1) * (cond - un)``."""
-    return uncond + (cfg_scale + 1.0) * (cond - uncond)
+        positions = torch.arange(canvas.shape[0])
+    step = ChunkStep(canvas, positions, num_commits, temperature, remasking, generator)
+    return denoise_batch(logits, [step], mask_id)[0]
 
 
 class ChunkStep:
@@ -117,8 +101,9 @@ def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) ->
 
     The vocabulary-wide work (argmax, log-sum-exp) runs once over all rows on the logits' device
     and only ``x0``/confidence per row come back to the CPU (one sync per step), which is what
-    keeps a 32-request GPU batch from paying 32 round trips. Random draws per request and in the
-    same order as :func:`denoise_step`, so results are identical.
+    keeps a 32-request GPU batch from paying 32 round trips. Each request draws from its own
+    generator, so batching never changes a request's result. Canvases and positions are CPU
+    tensors; the confidence is ``softmax(logits)[x0]`` computed as ``exp(l[x0] - logsumexp(l))``.
     """
     x0 = logits.argmax(dim=-1)
     offsets = [0]
@@ -127,10 +112,9 @@ def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) ->
     for i, step in enumerate(steps):
         if step.temperature > 0 and len(step.positions):
             rows = logits[offsets[i] : offsets[i + 1]]
-            chunk_len = step.canvas.shape[0]
-            u = torch.rand((chunk_len, logits.shape[-1]), dtype=torch.float64, generator=step.generator,
-                           device=logits.device)[step.positions.to(logits.device)]
-            x0[offsets[i] : offsets[i + 1]] = (rows.to(torch.float64) - step.temperature * torch.log(-torch.log(u))).argmax(-1)
+            x0[offsets[i] : offsets[i + 1]] = gumbel_argmax(
+                rows, step.temperature, step.generator, step.positions, step.canvas.shape[0]
+            )
     logits32 = logits.float()
     confidence = torch.exp(logits32.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits32, dim=-1))
     x0_cpu, confidence_cpu = x0.cpu(), confidence.cpu()
@@ -156,3 +140,8 @@ def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) ->
         new[step.positions[chosen]] = x0_cpu[offsets[i] : offsets[i + 1]][chosen]
         out.append(new)
     return out
+
+
+def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance as the card mixes it: ``un + (scale + 1) * (cond - un)``."""
+    return uncond + (cfg_scale + 1.0) * (cond - uncond)
