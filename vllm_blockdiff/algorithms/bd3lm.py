@@ -96,6 +96,23 @@ class ChunkStep:
         self.generator = generator
 
 
+_SOFTMAX_ROWS = 256  # bounds the [rows, vocab] probability buffer (vocab ~152k: 155 MB in fp32)
+
+
+def _chosen_probability(logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits)[x0]`` per row, in row chunks.
+
+    The fused softmax kernel is several times faster than ``exp(l - logsumexp(l))`` on CPU
+    (measured: logsumexp took as long as the whole model), and it is what the card computes.
+    """
+    out = torch.empty(x0.shape, dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], _SOFTMAX_ROWS):
+        rows = slice(start, start + _SOFTMAX_ROWS)
+        probs = torch.softmax(logits[rows].float(), dim=-1)
+        out[rows] = probs.gather(-1, x0[rows].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
 def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) -> list[torch.Tensor]:
     """:func:`denoise_step` for many chunks at once; ``logits`` rows follow ``steps`` in order.
 
@@ -103,7 +120,7 @@ def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) ->
     and only ``x0``/confidence per row come back to the CPU (one sync per step), which is what
     keeps a 32-request GPU batch from paying 32 round trips. Each request draws from its own
     generator, so batching never changes a request's result. Canvases and positions are CPU
-    tensors; the confidence is ``softmax(logits)[x0]`` computed as ``exp(l[x0] - logsumexp(l))``.
+    tensors; the confidence is ``softmax(logits)[x0]``.
     """
     x0 = logits.argmax(dim=-1)
     offsets = [0]
@@ -115,8 +132,7 @@ def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) ->
             x0[offsets[i] : offsets[i + 1]] = gumbel_argmax(
                 rows, step.temperature, step.generator, step.positions, step.canvas.shape[0]
             )
-    logits32 = logits.float()
-    confidence = torch.exp(logits32.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits32, dim=-1))
+    confidence = _chosen_probability(logits, x0)
     x0_cpu, confidence_cpu = x0.cpu(), confidence.cpu()
 
     out = []
