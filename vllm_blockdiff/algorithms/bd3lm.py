@@ -156,8 +156,3 @@ def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) ->
         new[step.positions[chosen]] = x0_cpu[offsets[i] : offsets[i + 1]][chosen]
         out.append(new)
     return out
-
-
-def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """Classifier-free guidance as the card mixes it: ``un + (scale + 1) * (cond - un)``."""
-    return uncond + (cfg_scale + 1.0) * (cond - uncond)
