@@ -47,6 +47,24 @@ def boost_token(ckpt: Path, token_id: int, factor: float) -> None:
     save_file(weights, str(path))
 
 
+def focus_head(ckpt: Path, num_tokens: int, scale: float, seed: int = 0, include: tuple[int, ...] = ()) -> list[int]:
+    """Concentrate the stored lm_head on ``num_tokens`` random tokens plus ``include`` (rows scaled by
+    ``scale``, the rest by 0.01), so a random model's predictions have confidences spread over (0, 1)."""
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt / "model.safetensors"
+    weights = load_file(str(path))
+    head = weights["lm_head.weight"].clone()
+    keep = torch.randperm(PAD_ID, generator=torch.Generator().manual_seed(seed))[:num_tokens]
+    keep = torch.cat([keep, torch.tensor(include, dtype=torch.long)])
+    focused = head[keep] * scale
+    head.mul_(0.01)  # not zero: no exact ties among the other tokens
+    head[keep] = focused
+    weights["lm_head.weight"] = head
+    save_file(weights, str(path))
+    return keep.tolist()
+
+
 def random_prompt(rng: random.Random, length: int) -> list[int]:
     return [rng.randrange(0, PAD_ID) for _ in range(length)]
 
@@ -77,6 +95,36 @@ def bd3lm_eos_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdlm4_ckpt(tmp_path_factory) -> Path:
+    """SDLM D=4 (stored lm_head), focused so windows are sometimes confident; <|endoftext|> among
+    the likely tokens, so eos lands inside accepted runs now and then."""
+    from vllm_blockdiff.testing.tiny_checkpoints import build_sdlm_checkpoint
+
+    ckpt = build_sdlm_checkpoint(tmp_path_factory.mktemp("sdlm4"), D=4, seed=3)
+    focus_head(ckpt, 8, 7.0, seed=3, include=(PAD_ID,))
+    boost_token(ckpt, PAD_ID, 0.75)  # eos now and then, not every few tokens
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def sdlm8_ckpt(tmp_path_factory) -> Path:
+    """SDLM D=8 (stored lm_head), focused like ``sdlm4_ckpt``."""
+    from vllm_blockdiff.testing.tiny_checkpoints import build_sdlm_checkpoint
+
+    ckpt = build_sdlm_checkpoint(tmp_path_factory.mktemp("sdlm8"), D=8, seed=4)
+    focus_head(ckpt, 8, 7.0, seed=4, include=(PAD_ID,))
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def sdlm4_tied_ckpt(tmp_path_factory) -> Path:
+    """SDLM D=4 with tied embeddings (no stored lm_head), like SDLM-3B's Qwen2.5-3B base."""
+    from vllm_blockdiff.testing.tiny_checkpoints import build_sdlm_checkpoint
+
+    return build_sdlm_checkpoint(tmp_path_factory.mktemp("sdlm4_tied"), D=4, seed=5, untied_lm_head=False)
+
+
+@pytest.fixture(scope="session")
 def reference_threads():
     # 2 OpenMP threads on this 2-core box make small matmuls ~100x slower than 1.
     previous = torch.get_num_threads()
@@ -92,7 +140,7 @@ def make_llm(model: Path, **kwargs):
         model=str(model),
         dtype="float32",
         max_model_len=1024,
-        gpu_memory_utilization=0.15,
+        kv_cache_memory_bytes=256 << 20,  # explicit: the utilisation fraction depends on RSS and NUMA node size
         enforce_eager=True,
         seed=0,
     )

@@ -19,13 +19,17 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from vllm_blockdiff.config import BD3LM_ARCHITECTURES, BlockDiffusionConfigHook
+    from vllm_blockdiff.config import BD3LM_ARCHITECTURES, SDLM_ARCHITECTURES, BlockDiffusionConfigHook
     from vllm_blockdiff.models.bd3lm import A2DQwen2Config
 
     AutoConfig.register(A2DQwen2Config.model_type, A2DQwen2Config, exist_ok=True)
-    for arch in BD3LM_ARCHITECTURES:
-        ModelRegistry.register_model(arch, "vllm_blockdiff.models.bd3lm:A2DQwen2LMHeadModel")
-        MODELS_CONFIG_MAP[arch] = BlockDiffusionConfigHook
+    for archs, model_class in (
+        (BD3LM_ARCHITECTURES, "vllm_blockdiff.models.bd3lm:A2DQwen2LMHeadModel"),
+        (SDLM_ARCHITECTURES, "vllm_blockdiff.models.sdlm:SDLMQwen2ForCausalLM"),
+    ):
+        for arch in archs:
+            ModelRegistry.register_model(arch, model_class)
+            MODELS_CONFIG_MAP[arch] = BlockDiffusionConfigHook
 
     import engine_patches
 

@@ -14,17 +14,21 @@ from vllm_blockdiff.options import ModelDefaults
 logger = init_logger(__name__)
 
 BD3LM_ARCHITECTURES = ("A2DQwen2LMHeadModel",)
+SDLM_ARCHITECTURES = ("SDLMQwen2ForCausalLM",)
 DEFAULT_BD3LM_BLOCK_SIZE = 32
+DEFAULT_SDLM_WINDOW = 4  # SDLM's modeling code falls back to 4 when config.json has no block_size
 # KV page size for our models: a multiple of every block size a request may ask for (prefix
 # caching hashes whole pages), and of 32 (CPU attention) and 16 (GPU attention kernels).
 DEFAULT_KV_PAGE_SIZE = 128
-BD3LM_MASK_TOKEN = "<|mask|>"
+MASK_TOKENS = ("<|mask|>", "<text_mask>")  # BD3LM, SDLM
 
 
 def family_of(architectures) -> str | None:
     archs = set(architectures or ())
     if archs & set(BD3LM_ARCHITECTURES):
         return "bd3lm"
+    if archs & set(SDLM_ARCHITECTURES):
+        return "sdlm"
     return None
 
 
@@ -41,15 +45,22 @@ def _resolve_mask_token_id(model_config) -> int:
         revision=model_config.tokenizer_revision,
         trust_remote_code=model_config.trust_remote_code,
     )
-    mask_id = tokenizer.mask_token_id
-    if mask_id is None:
-        mask_id = tokenizer.convert_tokens_to_ids(BD3LM_MASK_TOKEN)
-    if mask_id is None or mask_id == tokenizer.unk_token_id:
-        raise ValueError(
-            f"{model_config.model}: the tokenizer has no mask token ({BD3LM_MASK_TOKEN}); "
-            "a BD3LM checkpoint needs one"
-        )
-    return int(mask_id)
+    candidates = [tokenizer.mask_token_id]
+    candidates += [tokenizer.convert_tokens_to_ids(t) for t in (getattr(hf_config, "text_mask_token", None),
+                                                                 *MASK_TOKENS) if t]
+    for mask_id in candidates:
+        if mask_id is not None and mask_id != tokenizer.unk_token_id:
+            return int(mask_id)
+    raise ValueError(
+        f"{model_config.model}: neither config.json nor the tokenizer names a mask token "
+        f"(one of {MASK_TOKENS}); a block-diffusion checkpoint needs one"
+    )
+
+
+SCHEDULERS = {
+    "bd3lm": "vllm_blockdiff.engine.scheduler.BD3LMScheduler",
+    "sdlm": "vllm_blockdiff.engine.scheduler.SDLMScheduler",
+}
 
 
 class BlockDiffusionConfigHook:
@@ -65,13 +76,22 @@ class BlockDiffusionConfigHook:
 
         model_config = vllm_config.model_config
         hf_config = model_config.hf_config
-        hf_config.blockdiff_family = family_of(model_config.architectures)
+        family = family_of(model_config.architectures)
+        hf_config.blockdiff_family = family
         hf_config.blockdiff_mask_token_id = _resolve_mask_token_id(model_config)
-        # The hub's BD3LM configs carry no block size (the card's default 32 applies); honour one if present.
-        hf_config.blockdiff_block_size = int(getattr(hf_config, "block_size", None) or DEFAULT_BD3LM_BLOCK_SIZE)
+        # BD3LM: the hub's configs carry no block size (the card's default 32 applies); honour one if
+        # present. SDLM: ``block_size`` is the window D the checkpoint was trained with.
+        default_block = DEFAULT_SDLM_WINDOW if family == "sdlm" else DEFAULT_BD3LM_BLOCK_SIZE
+        hf_config.blockdiff_block_size = int(getattr(hf_config, "block_size", None) or default_block)
+        # Older SDLM uploads spell the flag ``casual_attn``.
+        hf_config.blockdiff_window_causal = bool(
+            getattr(hf_config, "causal_attn", getattr(hf_config, "casual_attn", False))
+        )
+        if family == "sdlm" and hf_config.blockdiff_block_size < 2:
+            raise ValueError(f"{model_config.model}: SDLM block_size (the window D) must be >= 2")
 
         sched = vllm_config.scheduler_config
-        sched.scheduler_cls = "vllm_blockdiff.engine.scheduler.BlockDiffScheduler"
+        sched.scheduler_cls = SCHEDULERS[family]
         # Each step's commits decide the next step's input; nothing can be scheduled ahead.
         sched.async_scheduling = False
 
@@ -85,7 +105,8 @@ class BlockDiffusionConfigHook:
         if not current_platform.is_cpu():
             _use_v1_runner_with_piecewise_graphs(vllm_config)
         cache = vllm_config.cache_config
-        if not cache.user_specified_block_size:
+        # SDLM needs no particular page size: its window KV is scratch and never hashed.
+        if family == "bd3lm" and not cache.user_specified_block_size:
             cache.block_size = DEFAULT_KV_PAGE_SIZE
             # Otherwise the platform replaces it with its attention backend's preference (GPU: 16).
             cache.user_specified_block_size = True
@@ -125,4 +146,5 @@ def model_defaults(vllm_config) -> ModelDefaults:
         kv_page_size=vllm_config.cache_config.block_size,
         max_model_len=vllm_config.model_config.max_model_len,
         max_step_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+        window_causal=hf_config.blockdiff_window_causal,
     )

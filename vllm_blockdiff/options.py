@@ -5,12 +5,15 @@ OpenAI clients send the same names through ``vllm_xargs``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_blockdiff.algorithms import sdlm
 from vllm_blockdiff.algorithms.bd3lm import REMASKING_MODES
 
 BD3LM_OPTION_NAMES = ("steps", "block_size", "remasking", "cfg_scale")
+SDLM_OPTION_NAMES = ("alg", "threshold")
 
 
 class OptionError(ValueError):
@@ -31,6 +34,7 @@ class ModelDefaults:
     kv_page_size: int
     max_model_len: int
     max_step_tokens: int = 1 << 30  # scheduler token budget per step (max_num_batched_tokens)
+    window_causal: bool = False  # SDLM ``causal_attn``: causal attention inside the window
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,21 @@ class BD3LMOptions:
         return steps_per_block(self.steps, self.max_tokens, self.block_size)
 
 
+@dataclass(frozen=True)
+class SDLMOptions:
+    alg: str
+    threshold: float
+    window: int  # D, fixed by the checkpoint
+    temperature: float
+    top_p: float
+    top_k: int  # <= 0: off
+    seed: int | None
+
+    @property
+    def entropy_conf(self) -> bool:
+        return self.alg == "entropy_conf"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -59,15 +78,43 @@ def _check(ok: bool, message: str, parameter: str) -> None:
         raise OptionError(message, parameter)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_unknown(extra: dict, known: tuple[str, ...], family: str) -> None:
+    unknown = sorted(set(extra) - set(known))
+    _check(
+        not unknown,
+        f"unknown diffusion option(s) {unknown}; {family} accepts {list(known)}",
+        unknown[0] if unknown else "extra_args",
+    )
+
+
+def _check_sampling(params: Any, *, allow_top_p_top_k: bool) -> float:
+    """Standard sampling fields: the ones outside the algorithm are rejected, naming them."""
+    temperature = float(params.temperature)
+    _check(temperature >= 0, "temperature must be >= 0", "temperature")
+    if not allow_top_p_top_k:
+        _check(params.top_p == 1.0, "top_p is not part of BD3LM decoding; leave it at 1.0", "top_p")
+        _check(params.top_k in (0, -1, None), "top_k is not part of BD3LM decoding; leave it unset", "top_k")
+    _check(params.min_p == 0.0, "min_p is not part of block-diffusion decoding; leave it at 0", "min_p")
+    for name in ("presence_penalty", "frequency_penalty"):
+        _check(getattr(params, name) == 0.0, f"{name} is not supported for diffusion decoding", name)
+    _check(params.repetition_penalty == 1.0, "repetition_penalty is not supported for diffusion decoding",
+           "repetition_penalty")
+    _check(not params.min_tokens, "min_tokens is not supported for diffusion decoding", "min_tokens")
+    _check(not params.logit_bias, "logit_bias is not supported for diffusion decoding", "logit_bias")
+    _check(params.logprobs is None, "logprobs are not available for diffusion decoding", "logprobs")
+    _check(params.prompt_logprobs is None, "prompt_logprobs are not available for diffusion decoding",
+           "prompt_logprobs")
+    return temperature
+
+
 def resolve_bd3lm_options(params: Any, defaults: ModelDefaults) -> BD3LMOptions:
     """The request's effective BD3LM options; raises ``OptionError`` naming the bad field."""
     extra = dict(params.extra_args or {})
-    unknown = sorted(set(extra) - set(BD3LM_OPTION_NAMES))
-    _check(
-        not unknown,
-        f"unknown diffusion option(s) {unknown}; BD3LM accepts {list(BD3LM_OPTION_NAMES)}",
-        unknown[0] if unknown else "extra_args",
-    )
+    _check_unknown(extra, BD3LM_OPTION_NAMES, "BD3LM")
     max_tokens = params.max_tokens
     _check(_is_int(max_tokens) and max_tokens > 0, "max_tokens must be a positive integer", "max_tokens")
 
@@ -103,26 +150,13 @@ def resolve_bd3lm_options(params: Any, defaults: ModelDefaults) -> BD3LMOptions:
     )
     cfg_scale = extra.get("cfg_scale", 0.0)
     _check(
-        isinstance(cfg_scale, (int, float)) and not isinstance(cfg_scale, bool) and cfg_scale >= 0,
+        _is_number(cfg_scale) and cfg_scale >= 0,
         f"cfg_scale must be a number >= 0, got {cfg_scale!r}",
         "cfg_scale",
     )
     _check(cfg_scale == 0, "cfg_scale > 0 is not supported by this engine yet", "cfg_scale")
 
-    temperature = float(params.temperature)
-    _check(temperature >= 0, "temperature must be >= 0", "temperature")
-    _check(params.top_p == 1.0, "top_p is not part of BD3LM decoding; leave it at 1.0", "top_p")
-    _check(params.top_k in (0, -1, None), "top_k is not part of BD3LM decoding; leave it unset", "top_k")
-    _check(params.min_p == 0.0, "min_p is not part of BD3LM decoding; leave it at 0", "min_p")
-    for name in ("presence_penalty", "frequency_penalty"):
-        _check(getattr(params, name) == 0.0, f"{name} is not supported for diffusion decoding", name)
-    _check(params.repetition_penalty == 1.0, "repetition_penalty is not supported for diffusion decoding",
-           "repetition_penalty")
-    _check(not params.min_tokens, "min_tokens is not supported for diffusion decoding", "min_tokens")
-    _check(not params.logit_bias, "logit_bias is not supported for diffusion decoding", "logit_bias")
-    _check(params.logprobs is None, "logprobs are not available for diffusion decoding", "logprobs")
-    _check(params.prompt_logprobs is None, "prompt_logprobs are not available for diffusion decoding",
-           "prompt_logprobs")
+    temperature = _check_sampling(params, allow_top_p_top_k=False)
     return BD3LMOptions(
         steps=steps,
         block_size=block_size,
@@ -134,16 +168,45 @@ def resolve_bd3lm_options(params: Any, defaults: ModelDefaults) -> BD3LMOptions:
     )
 
 
+def resolve_sdlm_options(params: Any, defaults: ModelDefaults) -> SDLMOptions:
+    """The request's effective SDLM options; raises ``OptionError`` naming the bad field."""
+    extra = dict(params.extra_args or {})
+    _check_unknown(extra, SDLM_OPTION_NAMES, "SDLM")
+    alg = extra.get("alg", sdlm.DEFAULT_ALGORITHM)
+    _check(alg in sdlm.ALGORITHMS, f"alg must be one of {list(sdlm.ALGORITHMS)}, got {alg!r}", "alg")
+    threshold = extra.get("threshold", sdlm.DEFAULT_THRESHOLD)
+    # Confidences lie in [0, 1]: 0 accepts up to D tokens per step, anything >= 1 exactly one.
+    _check(
+        _is_number(threshold) and threshold >= 0,
+        f"threshold must be a finite number >= 0, got {threshold!r}",
+        "threshold",
+    )
+    temperature = _check_sampling(params, allow_top_p_top_k=True)
+    top_k = params.top_k if params.top_k is not None else 0
+    return SDLMOptions(
+        alg=alg,
+        threshold=float(threshold),
+        window=defaults.block_size,
+        temperature=temperature,
+        top_p=float(params.top_p),
+        top_k=int(top_k),
+        seed=params.seed,
+    )
+
+
+def resolve_options(params: Any, defaults: ModelDefaults) -> BD3LMOptions | SDLMOptions:
+    if defaults.family == "sdlm":
+        return resolve_sdlm_options(params, defaults)
+    return resolve_bd3lm_options(params, defaults)
+
+
 def validate_request(params: Any, defaults: ModelDefaults, prompt_len: int | None = None) -> None:
     """Admission check for one request; raises ``OptionError``."""
-    if defaults.family == "bd3lm":
-        opts = resolve_bd3lm_options(params, defaults)
-        if prompt_len is not None:
-            _check(
-                prompt_len + opts.max_tokens <= defaults.max_model_len,
-                f"prompt ({prompt_len} tokens) + max_tokens ({opts.max_tokens}) exceeds the "
-                f"model's context length {defaults.max_model_len}",
-                "max_tokens",
-            )
-    else:  # pragma: no cover - SDLM arrives with its own options (issue 3)
-        raise OptionError(f"unsupported model family {defaults.family!r}", "model")
+    resolve_options(params, defaults)
+    if defaults.family == "bd3lm" and prompt_len is not None:
+        _check(
+            prompt_len + params.max_tokens <= defaults.max_model_len,
+            f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+            f"model's context length {defaults.max_model_len}",
+            "max_tokens",
+        )

@@ -22,7 +22,7 @@ def ckpt_with_block16(tmp_path_factory):
 
 def test_hook_selects_our_engine_parts(bd3lm_ckpt):
     config = _engine_config(bd3lm_ckpt)
-    assert config.scheduler_config.scheduler_cls.endswith("BlockDiffScheduler")
+    assert config.scheduler_config.scheduler_cls.endswith("BD3LMScheduler")
     assert config.parallel_config.worker_cls.endswith("BlockDiffCPUWorker")
     assert config.scheduler_config.async_scheduling is False
     assert config.cache_config.block_size == DEFAULT_KV_PAGE_SIZE

@@ -10,7 +10,10 @@ copy of ``x_{L-1}``. Logits are AR-style: window position j predicts ``x_{L+j}``
 
 Per window position: the sampling distribution is ``softmax(filter(logits / temperature))`` with SDLM's
 top-p then top-k filters (applied at any temperature; filtered tokens get dtype-min logits); the token is its
-argmax at temperature 0, else one ``torch.multinomial`` draw per position from the sequence's CPU generator.
+argmax at temperature 0, else a draw per position from the sequence's generator. SDLM draws with
+``Categorical(probs).sample()``; here the draw is an exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)``
+sampled for the whole ``[D, V]`` window (an exact draw from ``p`` as well), so that an engine using the same
+generator and the same race reproduces the tokens exactly.
 Confidence: ``prob_conf`` = the chosen token's probability in that distribution; ``entropy_conf`` =
 ``1 - H / log(V)`` with ``H = -sum p * log(p + 1e-9)`` (SDLM's formula, V = the logits' width).
 
@@ -32,7 +35,6 @@ This is a full recompute per step (no KV cache): quadratic, fine for the tiny te
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -108,13 +110,14 @@ def sample_window(
         logits = _top_k_filter(logits, top_k)
     probs = F.softmax(logits, dim=-1)
     if temperature > 0:
-        tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+        race = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=generator).to(probs.device)
+        tokens = (probs / race).argmax(dim=-1)
         conf = probs.gather(-1, tokens[:, None]).squeeze(-1)
     else:
         conf, tokens = probs.max(dim=-1)
     if entropy_conf:
         entropy = -(probs * torch.log(probs + 1e-9)).sum(dim=-1)
-        conf = 1.0 - entropy / math.log(probs.shape[-1])
+        conf = 1.0 - entropy / torch.log(torch.tensor(float(probs.shape[-1])))  # float32 log(V), as SDLM
     return tokens, conf
 
 

@@ -1,53 +1,43 @@
-"""Model-runner side of block diffusion: canvases in the input, segments in attention, commits out.
+"""Model-runner side of block diffusion: mask slots in the input, segments in attention, commits out.
 
-Per step, for every request the scheduler gave canvas slots (``scheduled_spec_decode_tokens``,
-placeholders of the chunk's mask slots):
-1. the request's current canvas (masks and tokens committed so far in this chunk) replaces the
-   placeholders in the input ids;
-2. attention rows become segments (``segments.StepPlan``) so each token sees exactly the
-   block-causal context;
-3. logits are computed only at still-masked canvas positions; the denoising policy commits;
-4. the canvas is returned to the scheduler only when the chunk is finished (it ran all its
-   steps, or the request's eos appeared), as that step's sampled tokens; otherwise nothing.
+``BlockDiffRunnerMixin`` sits on vLLM's (CPU or GPU) V1 model runner and hands the family-specific
+parts to a *steps* object (``engine/bd3lm.py``, ``engine/sdlm.py``):
+- ``place``: what the mask slots hold this step (written over the scheduler's placeholders);
+- ``plan``: how each request's query is cut into attention segments, and where logits are needed;
+- ``sample``: the decoding policy, turning those logits into each request's committed tokens.
 
-The canvas lives here, in ``self._states``, because the runner already caches committed tokens
-itself (``_bookkeeping_sync``): what it reports is exactly what the scheduler appends.
+Per-request state (options, a ``torch.Generator``, the family's decoding state) lives here,
+because the runner already caches committed tokens itself (``_bookkeeping_sync``): what it
+reports is exactly what the scheduler appends. Committed tokens go back as a ``[num_reqs, W]``
+sampled tensor padded with -1, which vLLM parses into variable-length per-request lists.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from vllm.v1.outputs import SamplerOutput
 
-from vllm_blockdiff.algorithms import bd3lm
 from vllm_blockdiff.config import model_defaults
-from vllm_blockdiff.engine.segments import (
-    CanvasRow,
-    StepPlan,
-    add_block_causal_segments,
-    segmented_metadata,
-)
-from vllm_blockdiff.options import BD3LMOptions, resolve_bd3lm_options
+from vllm_blockdiff.engine.bd3lm import BD3LMSteps
+from vllm_blockdiff.engine.sdlm import SDLMSteps
+from vllm_blockdiff.engine.segments import StepPlan, segmented_metadata
 
-@dataclass
-class ChunkState:
-    """One request's chunk being denoised."""
-
-    start: int  # absolute position of the chunk's first slot
-    canvas: torch.Tensor  # [chunk_len] int64, mask ids where not yet committed
-    commits: list[int]  # tokens to commit at each remaining step (the card's uniform split)
+FAMILY_STEPS = {"bd3lm": BD3LMSteps, "sdlm": SDLMSteps}
 
 
-@dataclass
-class RequestState:
-    options: BD3LMOptions
-    generator: torch.Generator
-    eos_token_id: int | None
-    chunk: ChunkState | None = None
+def request_generator(req_id: str, seed: int | None, device) -> torch.Generator:
+    """The request's own generator, seeded from ``seed`` or else from the (unique) request id.
+
+    Not from entropy: every tensor-parallel rank samples on its own and must draw the same numbers.
+    """
+    if seed is None:
+        seed = int.from_bytes(hashlib.sha256(req_id.encode()).digest()[:8], "little")
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
 
 
 class BlockDiffRunnerMixin:
@@ -56,23 +46,15 @@ class BlockDiffRunnerMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._defaults = model_defaults(self.vllm_config)
-        self._states: dict[str, RequestState] = {}
+        self._steps = FAMILY_STEPS[self._defaults.family](self._defaults)
+        self._states: dict[str, object] = {}
         self._plan: StepPlan | None = None
 
-    # ---- request state -------------------------------------------------------------------
-    def _state(self, req_id: str) -> RequestState:
+    def _state(self, req_id: str):
         state = self._states.get(req_id)
         if state is None:
             params = self.requests[req_id].sampling_params
-            options = resolve_bd3lm_options(params, self._defaults)
-            generator = torch.Generator(device=self.device)
-            # Unseeded requests get a seed derived from the (unique) request id, not from entropy:
-            # every tensor-parallel rank samples on its own and must draw the same numbers.
-            seed = options.seed
-            if seed is None:
-                seed = int.from_bytes(hashlib.sha256(req_id.encode()).digest()[:8], "little")
-            generator.manual_seed(seed)
-            state = RequestState(options, generator, params.eos_token_id)
+            state = self._steps.new_state(params, request_generator(req_id, params.seed, self.device))
             self._states[req_id] = state
         return state
 
@@ -80,17 +62,11 @@ class BlockDiffRunnerMixin:
         for req_id in scheduler_output.finished_req_ids:
             self._states.pop(req_id, None)
         result = super()._update_states(scheduler_output)
-        # Put each canvas where the scheduler left placeholders.
         batch = self.input_batch
         for req_id, placeholders in scheduler_output.scheduled_spec_decode_tokens.items():
             req_index = batch.req_id_to_index[req_id]
             start = int(batch.num_tokens_no_spec[req_index])
-            state = self._state(req_id)
-            if state.chunk is None or state.chunk.start != start:
-                schedule = bd3lm.transfer_schedule(len(placeholders), state.options.steps_per_block)
-                state.chunk = ChunkState(start, torch.tensor(placeholders, dtype=torch.long), schedule)
-            canvas = state.chunk.canvas
-            batch.token_ids_cpu[req_index, start : start + len(canvas)] = canvas.numpy()
+            self._steps.place(batch.token_ids_cpu[req_index], start, placeholders, self._state(req_id))
         return result
 
     # ---- inputs and attention --------------------------------------------------------------
@@ -102,23 +78,21 @@ class BlockDiffRunnerMixin:
         spec = scheduler_output.scheduled_spec_decode_tokens
         for req_index, req_id in enumerate(batch.req_ids):
             num_sched = int(num_scheduled_tokens[req_index])
-            computed = int(batch.num_computed_tokens_cpu[req_index])
-            block_size = self._state(req_id).options.block_size
-            num_canvas = len(spec.get(req_id, ()))
-            regular_end = computed + num_sched - num_canvas
-            add_block_causal_segments(plan, req_index, computed, regular_end, block_size)
-            if num_canvas:
-                plan.add(req_index, num_canvas, regular_end + num_canvas, causal=False)
-                canvas = self._states[req_id].chunk.canvas
-                masked = np.flatnonzero(canvas.numpy() == self._defaults.mask_token_id)
-                plan.canvases.append(
-                    CanvasRow(req_index, req_id, offset + num_sched - num_canvas, num_canvas, masked)
-                )
+            self._steps.plan(
+                plan,
+                req_index,
+                req_id,
+                self._state(req_id),
+                int(batch.num_computed_tokens_cpu[req_index]),
+                num_sched,
+                len(spec.get(req_id, ())),
+                offset,
+            )
             offset += num_sched
         self._plan = plan
         logits_indices = torch.from_numpy(plan.logits_indices()).to(self.device)
-        max_canvas = max((c.length for c in plan.canvases), default=1)
-        return logits_indices, None, max_canvas
+        max_rows = max((c.length for c in plan.canvases), default=1)
+        return logits_indices, None, max_rows
 
     def initialize_metadata_builders(self, *args, **kwargs):
         super().initialize_metadata_builders(*args, **kwargs)
@@ -148,37 +122,15 @@ class BlockDiffRunnerMixin:
             # sampling, which runs next, reads it from ``_sampling_plan``.
             self._sampling_plan, self._plan = self._plan, None
 
-    # ---- sampling: the denoising step ---------------------------------------------------------
+    # ---- sampling: the family's decoding step ------------------------------------------------
     def _sample(self, logits, spec_decode_metadata):
         plan = getattr(self, "_sampling_plan", None)
         self._sampling_plan = None
         if plan is None:
             return super()._sample(logits, spec_decode_metadata)
-        num_reqs = self.input_batch.num_reqs
+        # Width >= 2 so vLLM strips the -1 padding of requests that commit nothing this step.
         width = max([2] + [c.length for c in plan.canvases])
-        out = torch.full((num_reqs, width), -1, dtype=torch.int32)
-        mask_id = self._defaults.mask_token_id
-        steps = []
-        for canvas_row in plan.canvases:
-            state = self._states[canvas_row.req_id]
-            # The card runs a fixed number of steps: a position may "commit" the mask id itself
-            # and stay masked, so completion is counted in steps, not in masks left.
-            steps.append(
-                bd3lm.ChunkStep(
-                    state.chunk.canvas,
-                    torch.from_numpy(canvas_row.logit_positions),
-                    state.chunk.commits.pop(0),
-                    state.options.temperature,
-                    state.options.remasking,
-                    state.generator,
-                )
-            )
-        new_canvases = bd3lm.denoise_batch(logits, steps, mask_id) if steps else []
-        for canvas_row, canvas in zip(plan.canvases, new_canvases):
-            state = self._states[canvas_row.req_id]
-            state.chunk.canvas = canvas
-            hit_eos = state.eos_token_id is not None and bool((canvas == state.eos_token_id).any())
-            if not state.chunk.commits or hit_eos:
-                out[canvas_row.req_index, : canvas_row.length] = canvas.to(torch.int32)
-                state.chunk = None
+        out = torch.full((self.input_batch.num_reqs, width), -1, dtype=torch.int32)
+        if plan.canvases:
+            self._steps.sample(logits, plan, self._states, out, self.input_batch.num_tokens_no_spec)
         return SamplerOutput(sampled_token_ids=out.to(self.device), logprobs_tensors=None)

@@ -1,23 +1,19 @@
-"""Scheduler side of block diffusion: claim canvas slots, keep ``num_computed_tokens`` honest.
+"""Scheduler side of block diffusion: claim mask slots, keep ``num_computed_tokens`` honest.
 
 vLLM schedules ``num_tokens_with_spec - num_computed_tokens`` tokens per request. We use the
-speculative-token list as the *canvas*: each running request carries ``chunk_len`` placeholder
-ids after its committed tokens, so ``allocate_slots`` gives the chunk KV slots in the paged
-cache and every step re-schedules exactly those slots. Prefix-cache hashing stops at
-``request.num_tokens`` (committed tokens), so mask slots are never cached.
+speculative-token list for the mask slots: each running request carries placeholder ids after
+its committed tokens, so ``allocate_slots`` gives them KV slots in the paged cache and every step
+re-schedules exactly those slots. Prefix-cache hashing never covers a slot whose KV is not the
+final, clean KV of a committed token.
 
-After each step (``update_from_output``):
-- prompt chunk that ended inside a diffusion block (but not at the prompt end): roll back to
-  the block start, since a block must be encoded in one piece to be bidirectional;
-- chunk finished (the runner returned its tokens): roll back to the block start so the next
-  step re-encodes the whole block with clean tokens (the card's next prefix pass) together
-  with the first denoising step of the next chunk;
-- otherwise: drop the canvas from ``num_computed_tokens`` (it is rewritten every step).
+- ``BD3LMScheduler``: the slots are the chunk being denoised (the *canvas*); see its docstring.
+- ``SDLMScheduler``: the slots are the D-1 masks of the window after the last token.
 """
 
 from __future__ import annotations
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 
 from vllm_blockdiff.algorithms import bd3lm
 from vllm_blockdiff.config import model_defaults
@@ -25,22 +21,16 @@ from vllm_blockdiff.options import BD3LMOptions, resolve_bd3lm_options
 
 
 class BlockDiffScheduler(Scheduler):
+    """What both families share: mask slots are scheduled whole or not at all."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Nothing is sampled "after" the last scheduled token: do not reserve a context slot.
-        self.num_sampled_tokens_per_step = 0
         self._defaults = model_defaults(self.vllm_config)
 
-    def _options(self, request) -> BD3LMOptions:
-        opts = getattr(request, "_blockdiff_options", None)
-        if opts is None:
-            opts = resolve_bd3lm_options(request.sampling_params, self._defaults)
-            request._blockdiff_options = opts
-        return opts
-
     def schedule(self, *args, **kwargs):
-        # A canvas must be computed whole. Hold back the running requests whose block does not
-        # fit in this step's token budget instead of letting vLLM schedule part of it.
+        # Mask slots must be computed together with the tokens before them. Hold back the running
+        # requests whose step does not fit in this step's token budget instead of letting vLLM
+        # schedule part of it.
         budget = self.max_num_scheduled_tokens
         held_back = []
         kept = []
@@ -58,6 +48,33 @@ class BlockDiffScheduler(Scheduler):
         finally:
             if held_back:
                 self.running = self.running + held_back
+
+
+class BD3LMScheduler(BlockDiffScheduler):
+    """Canvas slots for the chunk being denoised; ``num_computed_tokens`` rolled back per step.
+
+    After each step (``update_from_output``):
+    - prompt chunk that ended inside a diffusion block (but not at the prompt end): roll back to
+      the block start, since a block must be encoded in one piece to be bidirectional;
+    - chunk finished (the runner returned its tokens): roll back to the block start so the next
+      step re-encodes the whole block with clean tokens (the card's next prefix pass) together
+      with the first denoising step of the next chunk;
+    - otherwise: drop the canvas from ``num_computed_tokens`` (it is rewritten every step).
+    Prefix-cache hashing stops at ``request.num_tokens`` (committed tokens), so mask slots are
+    never cached.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Nothing is sampled "after" the last scheduled token: do not reserve a context slot.
+        self.num_sampled_tokens_per_step = 0
+
+    def _options(self, request) -> BD3LMOptions:
+        opts = getattr(request, "_blockdiff_options", None)
+        if opts is None:
+            opts = resolve_bd3lm_options(request.sampling_params, self._defaults)
+            request._blockdiff_options = opts
+        return opts
 
     def update_from_output(self, scheduler_output, model_runner_output):
         canvases = scheduler_output.scheduled_spec_decode_tokens
@@ -96,3 +113,72 @@ class BlockDiffScheduler(Scheduler):
         # Never claim slots past the context; vLLM ends the request there (length capped).
         chunk_len = min(chunk_len, self.max_model_len - request.num_tokens)
         request.spec_token_ids = [self._defaults.mask_token_id] * chunk_len
+
+
+class SDLMScheduler(BlockDiffScheduler):
+    """The window ``[x_{L-1}, MASK x (D-1)]`` rides on vLLM's draft-token path.
+
+    With committed tokens ``x_0 .. x_{L-1}`` the request keeps ``num_computed_tokens = L - 1`` and
+    D-1 mask placeholders, so a step schedules the tokens accepted last step (causal KV, kept)
+    followed by ``x_{L-1}`` and the masks at their natural positions: exactly the window, whose
+    first slot is the one ``x_{L-1}``'s causal KV will occupy next step. Window KV is therefore
+    overwritten before anything reads it as context, and never hashed: prefix caching stops at
+    ``num_tokens - 1``. The runner returns the accepted prefix (1..D tokens); vLLM appends it,
+    cutting at eos, stop tokens and ``max_tokens``.
+
+    Acceptance is reported as vLLM's spec-decode statistics: each window is a draft of D-1
+    tokens of which ``n - 1`` were accepted, so the mean acceptance length is the number of
+    tokens committed per forward, per request (``CompletionOutput.spec_decode_metrics``) and in
+    the Prometheus counters.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._num_masks = self._defaults.block_size - 1
+        # Sizes vLLM's per-position acceptance statistics; the window is the "draft".
+        self.num_spec_tokens = self._num_masks
+        coordinator = self.kv_cache_manager.coordinator
+        cache_blocks = coordinator.cache_blocks
+
+        def cache_committed_kv_only(request, num_tokens: int) -> None:
+            # Slot num_tokens - 1 holds the window's KV of x_{L-1}, not its causal KV.
+            cache_blocks(request, min(num_tokens, request.num_tokens - 1))
+
+        coordinator.cache_blocks = cache_committed_kv_only
+
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        request.spec_decode_metrics = RequestSpecDecodeMetrics.new(self._num_masks)
+
+    def schedule(self, *args, **kwargs):
+        # vLLM keeps one position free for the token sampled after the last scheduled one; the
+        # window's masks *are* those positions (the runner never predicts past the context), and
+        # without them a request one token short of max_model_len would have no window at all.
+        self.num_sampled_tokens_per_step = 0
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            # Accounting in update_from_output: of n committed tokens, n - 1 were "drafts".
+            self.num_sampled_tokens_per_step = 1
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        windows = scheduler_output.scheduled_spec_decode_tokens
+        num_tokens_before = {
+            req_id: self.requests[req_id].num_tokens for req_id in windows if req_id in self.requests
+        }
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished():
+                continue
+            if req_id in num_tokens_before:
+                # The window rewrote slot L-1: x_{L-1}'s causal KV is computed next step.
+                request.num_computed_tokens = num_tokens_before[req_id] - 1
+            elif request.num_computed_tokens < request.num_tokens - 1:
+                continue  # prompt chunk in progress: plain causal prefill
+            else:
+                request.num_computed_tokens = request.num_tokens - 1
+            # Masks never reach past the context (at least one fits while the request runs).
+            num_masks = min(self._num_masks, self.max_model_len - request.num_tokens)
+            request.spec_token_ids = [self._defaults.mask_token_id] * num_masks
+        return outputs

@@ -9,6 +9,9 @@ segments, each a row with its own ``seq_len`` and the request's block-table row 
   ("staircase") mask: a token sees every earlier block and its whole block so far.
 - The canvas (the mask slots being denoised) is one more bidirectional segment; it lies inside
   one block, so it sees the block's committed/prompt tokens and all earlier blocks.
+- SDLM: the tokens accepted last step are one causal segment; the window ``[x_{L-1}, masks]`` is
+  a bidirectional segment that ends the request's query. Mixed rows pass ``causal`` as a
+  per-row int32 tensor (CPU_ATTN ``dynamic_causal``, TRITON_ATTN, FA4).
 
 KV for all scheduled tokens is written before attention runs, so a later segment of the same
 request sees the KV an earlier segment of the same step wrote.
@@ -24,13 +27,14 @@ import torch
 
 @dataclass
 class CanvasRow:
-    """Where one request's canvas sits in this step's flattened query."""
+    """Where one request's canvas (BD3LM) or window (SDLM) sits in this step's flattened query."""
 
     req_index: int
     req_id: str
     token_offset: int
     length: int
-    # Canvas positions whose logits are computed: the still-masked ones (only they can commit).
+    # Positions (within the canvas) whose logits are computed: BD3LM the still-masked ones (only
+    # they can commit), SDLM every window position.
     logit_positions: np.ndarray
 
 

@@ -1,0 +1,158 @@
+"""SDLM decoding rules (OpenGVLab ``sdlm_inference.py``): predict a window of D tokens, keep the
+longest confident prefix.
+
+A window row j holds the logits for the token j places after the last committed one. Per row the
+distribution is ``softmax(filter(logits / temperature))`` (SDLM's top-p then top-k filters); the
+token is its argmax at temperature 0, else a draw from it. Confidence: ``prob_conf`` = the chosen
+token's probability, ``entropy_conf`` = ``1 - H / log(V)``. ``accept_length`` keeps the leading run
+with confidence strictly above the threshold, clamped to [1, D]: the first token always commits.
+
+``self_speculative`` commits by verification instead of confidence: a window's predictions are the
+draft, and draft token i+1 is accepted while it equals the first prediction of the window that
+follows draft tokens 0..i (``verified_length``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ALGORITHMS = ("prob_conf", "entropy_conf", "self_speculative")
+DEFAULT_ALGORITHM = "prob_conf"
+DEFAULT_THRESHOLD = 0.5  # the seed card's example (``SDLM_generate(..., threshold=0.5)``)
+
+_SOFTMAX_ROWS = 256  # bounds the [rows, vocab] probability buffer (vocab ~152k: 155 MB in fp32)
+
+
+class WindowRequest:
+    """One request's share of a batched window step (see :func:`sample_windows`)."""
+
+    __slots__ = ("num_rows", "temperature", "top_p", "top_k", "entropy_conf", "generator")
+
+    def __init__(self, num_rows, temperature=0.0, top_p=1.0, top_k=0, entropy_conf=False, generator=None):
+        self.num_rows = num_rows  # window rows of this request in the logits, in order
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k  # <= 0: no top-k filter
+        self.entropy_conf = entropy_conf
+        self.generator = generator
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and self.top_p >= 1.0 and self.top_k <= 0
+
+
+def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """SDLM's top-p (keep the smallest prefix of sorted tokens whose mass exceeds ``top_p``, at least one),
+    then top-k; removed tokens get the dtype's minimum logit."""
+    lowest = torch.finfo(logits.dtype).min
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(remove).scatter_(-1, sorted_idx, remove), lowest)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, lowest)
+    return logits
+
+
+def entropy_confidence(probs: torch.Tensor) -> torch.Tensor:
+    """``1 - H / log(V)`` with SDLM's ``H = -sum p * log(p + 1e-9)`` (float32 ``log(V)``)."""
+    entropy = -(probs * torch.log(probs + 1e-9)).sum(dim=-1)
+    max_entropy = torch.log(torch.tensor(probs.shape[-1], dtype=torch.float32)).to(entropy.device)
+    return 1.0 - entropy / max_entropy
+
+
+def sample_window(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    entropy_conf: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and confidences ``[rows]`` for one request's window logits ``[rows, vocab]``.
+
+    Sampling (temperature > 0) is an exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)`` drawn
+    from ``generator`` for every row and vocabulary entry: an exact draw from ``p`` that runs on the
+    logits' device.
+    """
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    logits = filter_logits(logits, top_p, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    if temperature > 0:
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        tokens = (probs / race).argmax(dim=-1)
+        confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    else:
+        confidence, tokens = probs.max(dim=-1)
+    if entropy_conf:
+        confidence = entropy_confidence(probs)
+    return tokens, confidence
+
+
+def _greedy_rows(logits: torch.Tensor, entropy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax and confidence of greedy rows, in row chunks (one fused softmax per chunk).
+
+    ``entropy[i]`` says whether row i reports entropy confidence instead of the top probability.
+    """
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    confidence = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    any_entropy = bool(entropy.any())
+    for start in range(0, logits.shape[0], _SOFTMAX_ROWS):
+        rows = slice(start, start + _SOFTMAX_ROWS)
+        probs = torch.softmax(logits[rows].float(), dim=-1)
+        top, tokens[rows] = probs.max(dim=-1)
+        if any_entropy:
+            top = torch.where(entropy[rows], entropy_confidence(probs), top)
+        confidence[rows] = top
+    return tokens, confidence
+
+
+def sample_windows(logits: torch.Tensor, requests: list[WindowRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_window` for many requests at once; ``logits`` rows follow ``requests`` in order.
+
+    Greedy rows (most traffic) share one vocabulary pass; sampled or filtered rows run per request
+    with the request's own generator, so batching never changes a request's result. Returns CPU
+    tensors ``(tokens, confidence)`` over all rows: one device sync per step.
+    """
+    entropy = torch.tensor(
+        [r.entropy_conf for r in requests for _ in range(r.num_rows)], dtype=torch.bool
+    ).to(logits.device)
+    tokens, confidence = _greedy_rows(logits, entropy)
+    start = 0
+    for request in requests:
+        end = start + request.num_rows
+        if not request.greedy and request.num_rows:
+            tokens[start:end], confidence[start:end] = sample_window(
+                logits[start:end],
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                entropy_conf=request.entropy_conf,
+                generator=request.generator,
+            )
+        start = end
+    return tokens.cpu(), confidence.cpu()
+
+
+def accept_length(confidence: torch.Tensor, threshold: float) -> int:
+    """Leading run of ``confidence > threshold``, clamped to ``[1, len(confidence)]``."""
+    above = (confidence > threshold).tolist()
+    run = above.index(False) if False in above else len(above)
+    return max(1, run)
+
+
+def verified_length(draft: list[int], first_predictions: list[int]) -> int:
+    """Self-speculative acceptance: ``draft[0]`` always; ``draft[i+1]`` while it equals
+    ``first_predictions[i]``, the first prediction of the window after ``draft[:i+1]``."""
+    n = 1
+    while n < len(draft) and n - 1 < len(first_predictions) and draft[n] == first_predictions[n - 1]:
+        n += 1
+    return n
+

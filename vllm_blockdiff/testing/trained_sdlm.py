@@ -1,0 +1,205 @@
+"""A tiny SDLM checkpoint *trained* (on CPU, in about a minute) so that its windows are confident.
+
+Random weights never make a window confident, so accept lengths stay at 1. This trains the
+published SDLM layout (``build_sdlm_checkpoint``'s config, tokenizer and weight names) on a
+synthetic language whose continuations are mostly predictable:
+
+    text = runs of letters " a".." z" counting with a step: " c e g i k" | " q r s t u v w" | ...
+
+Each run starts at a random letter with a random step (1..3) and lasts 4..12 tokens. Inside a
+run the next D tokens follow from the last two; at a run boundary nothing does. So a window's
+confidence is high for the tokens the run will still cover and falls where the run may end:
+mixed accept lengths, and at a high threshold the accepted prefixes are the tokens greedy
+one-at-a-time decoding would produce anyway.
+
+Training objective (SDLM's): AR next-token loss on the causal sequence plus, for several cut
+points L per sequence, the window ``[x_{L-1}, MASK x (D-1)]`` (positions L-1.., attending to
+``x_0..x_{L-2}`` and to itself) predicting ``x_L .. x_{L+D-1}``. Only the letters' rows of the
+lm_head are trained; all other rows stay exactly zero, so the full-vocabulary softmax is
+``exp(l) / (sum_letters exp(l) + (V - 26))`` and training computes it exactly on 26 rows.
+
+The result is deterministic (seeded, one thread) and cached by its parameters under
+``tiny_checkpoints.cache_dir()``.
+
+CLI::
+
+    python -m vllm_blockdiff.testing.trained_sdlm --out /tmp/sdlm-letters --block-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from vllm_blockdiff.testing.tiny_checkpoints import (
+    MASK_TOKEN_ID,
+    SDLM_VOCAB_SIZE,
+    build_sdlm_checkpoint,
+    cache_dir,
+    load_qwen_ranks,
+)
+
+_FORMAT_VERSION = 1  # bump when training changes, to invalidate cached checkpoints
+SHAPE = dict(hidden=64, layers=4, heads=2, kv_heads=1, intermediate=256)
+
+
+def letter_ids() -> list[int]:
+    """Token ids of " a" .. " z" in the Qwen2.5 vocabulary."""
+    ranks = load_qwen_ranks()
+    return [ranks[f" {chr(ord('a') + i)}".encode()] for i in range(26)]
+
+
+def sample_text(rng: random.Random, length: int) -> list[int]:
+    """Letter indices 0..25: a repeated random pattern (period 2..6), or counting (random start,
+    step 1..3), either as one run or as runs of 8..24 tokens that restart anywhere."""
+    kind = rng.random()
+    if kind < 0.5:
+        pattern = [rng.randrange(26) for _ in range(rng.randint(2, 6))]
+        return [pattern[k % len(pattern)] for k in range(length)]
+    out: list[int] = []
+    while len(out) < length:
+        start, step = rng.randrange(26), rng.randint(1, 3)
+        run = length if kind < 0.8 else rng.randint(8, 24)
+        out.extend((start + step * k) % 26 for k in range(run))
+    return out[:length]
+
+
+def _window_batch(texts: list[list[int]], ids: torch.Tensor, D: int, cuts: int, rng: random.Random):
+    """Input ids, positions, additive 4-D masks and targets for sequences + ``cuts`` windows each."""
+    T = len(texts[0])
+    n = T + cuts * D
+    input_ids = torch.empty(len(texts), n, dtype=torch.long)
+    positions = torch.empty(len(texts), n, dtype=torch.long)
+    allowed = torch.zeros(len(texts), n, n, dtype=torch.bool)
+    targets = torch.full((len(texts), n), -100, dtype=torch.long)  # letter index, -100 = no loss
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for b, text in enumerate(texts):
+        letters = torch.tensor(text)
+        input_ids[b, :T] = ids[letters]
+        positions[b, :T] = torch.arange(T)
+        allowed[b, :T, :T] = causal
+        targets[b, : T - 1] = letters[1:]
+        for k, L in enumerate(rng.sample(range(2, T - D + 1), cuts)):
+            s = T + k * D
+            input_ids[b, s] = ids[text[L - 1]]
+            input_ids[b, s + 1 : s + D] = MASK_TOKEN_ID
+            positions[b, s : s + D] = torch.arange(L - 1, L - 1 + D)
+            allowed[b, s : s + D, : L - 1] = True  # x_0 .. x_{L-2}, not the causal x_{L-1}
+            allowed[b, s : s + D, s : s + D] = True
+            targets[b, s : s + D] = letters[L : L + D]
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return input_ids, positions, mask[:, None], targets
+
+
+def train(model, D: int, *, steps: int, seed: int, batch: int = 32, text_len: int = 40, cuts: int = 8,
+          lr: float = 5e-3) -> float:
+    """Train ``model`` (a transformers Qwen2ForCausalLM in the SDLM layout) in place; returns the last loss.
+
+    Only the rows the task uses are trained (26 letters + the mask in the embedding, 26 letters in
+    the lm_head); the lm_head's other rows are set to exactly zero.
+    """
+    ids = torch.tensor(letter_ids())
+    rows = torch.cat([ids, torch.tensor([MASK_TOKEN_ID])])
+    row_of = {int(t): i for i, t in enumerate(rows)}
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    embed.requires_grad_(False)
+    head.requires_grad_(False)
+    embed_rows = torch.nn.Parameter(embed[rows].clone())
+    head_rows = torch.nn.Parameter(torch.randn(26, head.shape[1]) * head.shape[1] ** -0.5)
+    params = [p for p in model.parameters() if p.requires_grad] + [embed_rows, head_rows]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    background = torch.tensor(math.log(head.shape[0] - 26))  # the other V-26 logits are 0
+    rng = random.Random(seed)
+    loss_value = float("nan")
+    for step in range(steps):
+        for group in opt.param_groups:  # linear warm-up, cosine decay
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        texts = [sample_text(rng, text_len) for _ in range(batch)]
+        input_ids, positions, mask, targets = _window_batch(texts, ids, D, cuts, rng)
+        inputs = embed_rows[input_ids.apply_(row_of.__getitem__)]
+        hidden = model.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
+        keep = targets >= 0
+        logits = hidden[keep] @ head_rows.T
+        log_z = torch.logaddexp(torch.logsumexp(logits, dim=-1), background)
+        loss = (log_z - logits.gather(-1, targets[keep][:, None]).squeeze(-1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss_value = float(loss.detach())
+    with torch.no_grad():
+        embed[rows] = embed_rows
+        head.zero_()
+        head[ids] = head_rows
+    return loss_value
+
+
+def build_trained_sdlm_checkpoint(out_dir: str | os.PathLike, *, D: int = 4, steps: int = 1000, seed: int = 0) -> Path:
+    """Write the trained letters checkpoint (window ``D``) to ``out_dir``; cached across calls."""
+    key = hashlib.sha256(json.dumps([_FORMAT_VERSION, D, steps, seed, SHAPE]).encode()).hexdigest()[:16]
+    cached = cache_dir() / f"sdlm-letters-{key}"
+    if not (cached / "model.safetensors").exists():
+        _build(cached, D=D, steps=steps, seed=seed)
+    out = Path(out_dir)
+    shutil.copytree(cached, out, dirs_exist_ok=True)
+    return out
+
+
+def _build(out: Path, *, D: int, steps: int, seed: int) -> None:
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    build_sdlm_checkpoint(tmp, D=D, seed=seed, **SHAPE)
+    config = json.loads((tmp / "config.json").read_text())
+    fields = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "rope_theta", "rms_norm_eps")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic, and faster than 2 threads on small matmuls
+    try:
+        torch.manual_seed(seed)
+        qwen2 = Qwen2Config(tie_word_embeddings=False, **fields)
+        qwen2._attn_implementation = "sdpa"  # takes the additive 4-D window masks as they are
+        model = Qwen2ForCausalLM(qwen2)
+        loss = train(model, D, steps=steps, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert state.keys() == set(_stored_names(tmp)), "trained weights must keep the published names"
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "TRAINING.json").write_text(json.dumps({"task": "letter counting runs", "D": D, "steps": steps,
+                                                   "seed": seed, "final_loss": loss}, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    assert SDLM_VOCAB_SIZE == fields["vocab_size"]
+
+
+def _stored_names(ckpt: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m vllm_blockdiff.testing.trained_sdlm", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--block-size", type=int, default=4, help="the window D")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build_trained_sdlm_checkpoint(args.out, D=args.block_size, steps=args.steps, seed=args.seed)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
