@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES = ("input_processor",)
+PATCHES = ("input_processor", "metrics_loggers")
 
 
 def apply_all() -> None:

@@ -186,3 +186,22 @@ def test_bad_options_are_rejected_and_engine_keeps_serving(llm, extra, param):
     assert err.value.parameter == param
     [completion] = run(llm, [[1, 2, 3]], SamplingParams(max_tokens=8))
     assert len(completion.token_ids) >= 1
+
+
+def test_self_speculative_equals_first_token_decoding(llm, ref_model):
+    """At temperature 0 the reference's self-speculative decoding (drafts verified against the model's
+    next prediction, several accepted per verify pass) equals first-token-only decoding; so does ours."""
+    rng = random.Random(21)
+    prompts = [random_prompt(rng, n) for n in (3, 17, 33)]
+    spec = SDLMCase(24, "self_speculative")
+    first_token = SDLMCase(24, "prob_conf", threshold=2.0)
+    spec_out = run(llm, prompts, spec.params())
+    first_out = run(llm, prompts, first_token.params())
+    drafts_accepted = []
+    for prompt, a, b in zip(prompts, spec_out, first_out):
+        expected, verify_lengths = spec.reference(ref_model, prompt, D)
+        assert expected == first_token.reference(ref_model, prompt, D)[0]
+        assert_matches_reference(a, expected, spec.max_tokens)
+        assert a.token_ids == b.token_ids
+        drafts_accepted += verify_lengths
+    assert max(drafts_accepted) > 1  # the reference really accepted drafts: the comparison has teeth

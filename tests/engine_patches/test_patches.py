@@ -46,3 +46,30 @@ def test_input_processor_patch_refuses_a_changed_upstream_signature(monkeypatch)
     monkeypatch.setattr(upstream, "InputProcessor", Drifted)
     with pytest.raises(RuntimeError, match="changed upstream"):
         input_processor.apply()
+
+
+def test_metrics_loggers_patch_is_applied_once():
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    engine_patches.apply_all()
+    patched = PrometheusStatLogger.__init__
+    engine_patches.apply_all()
+    assert PrometheusStatLogger.__init__ is patched
+    assert getattr(patched, "_blockdiff_patched", False)
+
+
+def test_metrics_loggers_patch_refuses_a_changed_upstream_signature(monkeypatch):
+    from engine_patches import metrics_loggers
+
+    class DriftedProm:
+        def __init__(self, speculative_config, labelnames):  # upstream dropped a parameter
+            pass
+
+    class FreshLogger:  # an unpatched logger class, so apply() gets past its idempotence check
+        def __init__(self, vllm_config):
+            pass
+
+    monkeypatch.setattr(metrics_loggers, "SpecDecodingProm", DriftedProm)
+    monkeypatch.setattr(metrics_loggers.upstream, "PrometheusStatLogger", FreshLogger)
+    with pytest.raises(RuntimeError, match="changed upstream"):
+        metrics_loggers.apply()

@@ -72,7 +72,16 @@ class SDLMSteps:
         start = 0
         for row in plan.canvases:
             end = start + row.length
-            n = sdlm.accept_length(confidence[start:end], states[row.req_id].options.threshold)
+            options = states[row.req_id].options
+            if options.alg == "self_speculative":
+                # Every token self-speculative commits is the first prediction of the window after
+                # its prefix (drafts are only accepted when they equal it), so its output is
+                # first-token-only decoding. What makes it fast is verifying D drafts in one packed
+                # pass; that needs per-row scratch KV (docs/design.md), so here each forward commits
+                # one token: the same output, one token per forward.
+                n = 1
+            else:
+                n = sdlm.accept_length(confidence[start:end], options.threshold)
             n = min(n, self.defaults.max_model_len - int(num_tokens[row.req_index]))
             out[row.req_index, :n] = tokens[start : start + n].to(torch.int32)
             start = end

@@ -394,11 +394,16 @@ def qwen25_3b_shape() -> dict[str, int]:
     return dict(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008)
 
 
+CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # CPU_ATTN's list
+
+
 def _check_shape(hidden: int, heads: int, kv_heads: int) -> int:
     assert hidden % heads == 0, f"hidden {hidden} must be a multiple of heads {heads}"
     head_dim = hidden // heads
-    # vLLM's CPU attention backend supports only some head sizes; 64 and 128 cover every Qwen2.5 model.
-    assert head_dim in (64, 128), f"head_dim = hidden/heads = {head_dim}; must be 64 or 128"
+    # vLLM's CPU attention backend supports only some head sizes (64 and 128 cover every Qwen2.5 model).
+    assert head_dim in CPU_ATTENTION_HEAD_SIZES, (
+        f"head_dim = hidden/heads = {head_dim}; must be one of {CPU_ATTENTION_HEAD_SIZES}"
+    )
     assert heads % kv_heads == 0, f"heads {heads} must be a multiple of kv_heads {kv_heads}"
     return head_dim
 

@@ -1,0 +1,74 @@
+"""SDLM engine variants, one in-process engine per class: D=8 with prefix caching off and chunked
+prefill, and a tied-embedding checkpoint."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.conftest import env, make_llm, random_prompt
+from tests.engine.sdlm_cases import SDLMCase, accept_histogram, assert_matches_reference, run
+from tests.reference import load_reference_model
+
+
+def _engine(ckpt, **kwargs):
+    with env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
+        engine = make_llm(ckpt, **kwargs)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+class TestWindowOf8NoPrefixCacheChunkedPrefill:
+    D = 8
+
+    @pytest.fixture(scope="class")
+    def llm(self, sdlm8_ckpt):
+        # 64 tokens per step: prompts longer than that are prefilled in chunks.
+        yield from _engine(sdlm8_ckpt, enable_prefix_caching=False, max_num_batched_tokens=64)
+
+    @pytest.fixture(scope="class")
+    def ref_model(self, sdlm8_ckpt, reference_threads):
+        return load_reference_model(sdlm8_ckpt)
+
+    @pytest.mark.parametrize("alg", ["prob_conf", "entropy_conf"])
+    @pytest.mark.parametrize("threshold", [0.0, 0.6, 0.97, 2.0])
+    def test_greedy_matches_reference(self, llm, ref_model, alg, threshold):
+        case = SDLMCase(max_tokens=29, alg=alg, threshold=threshold)
+        rng = random.Random(f"{alg}-{threshold}-8")
+        prompts = [random_prompt(rng, n) for n in (2, 100, 150)]  # two of them chunked
+        lengths_seen = []
+        for prompt, completion in zip(prompts, run(llm, prompts, case.params())):
+            expected, accept_lengths = case.reference(ref_model, prompt, self.D)
+            assert_matches_reference(completion, expected, case.max_tokens)
+            assert completion.spec_decode_metrics.histogram == accept_histogram(accept_lengths, self.D)
+            lengths_seen += accept_lengths
+        if threshold == 0.0:
+            assert set(lengths_seen) == {self.D}
+
+    def test_concurrent_requests_held_back_by_the_token_budget_stay_exact(self, llm, ref_model):
+        """16 requests of up to 2*D tokens per step against a 64-token budget: some wait each step."""
+        rng = random.Random(8)
+        cases = [SDLMCase(20, "prob_conf" if i % 2 else "entropy_conf", (0.0, 0.6, 0.95)[i % 3]) for i in range(16)]
+        prompts = [random_prompt(rng, rng.randint(1, 80)) for _ in cases]
+        for case, prompt, completion in zip(cases, prompts, run(llm, prompts, [c.params() for c in cases])):
+            assert_matches_reference(completion, case.reference(ref_model, prompt, self.D)[0], case.max_tokens)
+
+
+class TestTiedEmbeddings:
+    D = 4
+
+    @pytest.fixture(scope="class")
+    def llm(self, sdlm4_tied_ckpt):
+        yield from _engine(sdlm4_tied_ckpt)
+
+    @pytest.fixture(scope="class")
+    def ref_model(self, sdlm4_tied_ckpt, reference_threads):
+        return load_reference_model(sdlm4_tied_ckpt)
+
+    @pytest.mark.parametrize("threshold", [0.0, 2.0])
+    def test_greedy_matches_reference(self, llm, ref_model, threshold):
+        case = SDLMCase(max_tokens=18, threshold=threshold)
+        prompts = [random_prompt(random.Random(threshold), n) for n in (5, 50)]
+        for prompt, completion in zip(prompts, run(llm, prompts, case.params())):
+            assert_matches_reference(completion, case.reference(ref_model, prompt, self.D)[0], case.max_tokens)
