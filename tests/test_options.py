@@ -3,9 +3,16 @@
 import pytest
 from vllm import SamplingParams
 
-from vllm_blockdiff.options import ModelDefaults, OptionError, resolve_bd3lm_options, validate_request
+from vllm_blockdiff.options import (
+    ModelDefaults,
+    OptionError,
+    resolve_bd3lm_options,
+    resolve_sdlm_options,
+    validate_request,
+)
 
 DEFAULTS = ModelDefaults(family="bd3lm", mask_token_id=151665, block_size=32, kv_page_size=128, max_model_len=1024)
+SDLM_DEFAULTS = ModelDefaults(family="sdlm", mask_token_id=151665, block_size=4, kv_page_size=128, max_model_len=1024)
 
 
 def test_card_defaults():
@@ -51,3 +58,34 @@ def test_block_must_fit_one_step_with_its_clean_pass():
     with pytest.raises(OptionError) as err:
         resolve_bd3lm_options(SamplingParams(max_tokens=8, extra_args={"block_size": 64}), small)
     assert err.value.parameter == "block_size"
+
+
+def test_sdlm_defaults_follow_the_card_example():
+    opts = resolve_sdlm_options(SamplingParams(max_tokens=16), SDLM_DEFAULTS)
+    assert (opts.alg, opts.threshold, opts.window, opts.entropy_conf) == ("prob_conf", 0.5, 4, False)
+    opts = resolve_sdlm_options(
+        SamplingParams(max_tokens=16, temperature=0.7, top_p=0.9, top_k=20, seed=3,
+                       extra_args={"alg": "entropy_conf", "threshold": 0.98}), SDLM_DEFAULTS)
+    assert (opts.alg, opts.threshold, opts.top_p, opts.top_k, opts.seed, opts.entropy_conf) == (
+        "entropy_conf", 0.98, 0.9, 20, 3, True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        (dict(extra_args={"alg": "low_confidence"}), "alg"),
+        (dict(extra_args={"threshold": -1}), "threshold"),
+        (dict(extra_args={"threshold": "0.5"}), "threshold"),
+        (dict(extra_args={"threshold": float("inf")}), "threshold"),
+        (dict(extra_args={"threshold": True}), "threshold"),
+        (dict(extra_args={"steps": 4}), "steps"),
+        (dict(extra_args={"remasking": "random"}), "remasking"),
+        (dict(min_p=0.1), "min_p"),
+        (dict(repetition_penalty=1.2), "repetition_penalty"),
+        (dict(logprobs=1), "logprobs"),
+    ],
+)
+def test_sdlm_bad_values_name_the_parameter(kwargs, param):
+    with pytest.raises(OptionError) as err:
+        validate_request(SamplingParams(max_tokens=16, **kwargs), SDLM_DEFAULTS)
+    assert err.value.parameter == param
