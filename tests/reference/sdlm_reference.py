@@ -30,7 +30,13 @@ accepted row is the next draft. At temperature 0 this equals first-token-only de
 ``accept_lengths`` holds the policy's n of every step (self-speculative: of every verify pass), before the eos /
 length cut — so its sum may exceed ``len(tokens)`` in the last step.
 
-This is a full recompute per step (no KV cache): quadratic, fine for the tiny test models it is meant for.
+Two implementations of the window forward, which must agree token for token:
+
+* ``impl="full"``: one forward over committed tokens + window per step (no KV cache): quadratic, the plainest
+  statement of the mask;
+* ``impl="cached"`` (like SDLM's ``use_cache=True`` loop): a ``DynamicCache`` holds the causal keys/values of
+  ``x_0 .. x_{L-2}``; each step feeds only the tokens accepted since (causal) and the window, then crops the
+  window's keys/values off again. Batch 1, as SDLM. This is the baseline of ``benchmarks/bench_sdlm.py``.
 """
 
 from __future__ import annotations
@@ -39,10 +45,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 MASK_ID = 151665
 EOS_IDS = (151643, 151645)
 ALGORITHMS = ("prob_conf", "entropy_conf", "self_speculative")
+IMPLS = ("full", "cached")
 
 
 def window_attention(num_committed: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +83,52 @@ def window_logits(model, committed: Sequence[int], *, D: int, mask_id: int = MAS
         logits_to_keep=D,
     )
     return out.logits[0].float()
+
+
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+class CachedWindows:
+    """``window_logits`` on top of a KV cache of the causal prefix (SDLM's cached loop)."""
+
+    def __init__(self, model, *, D: int, mask_id: int = MASK_ID):
+        self.model, self.D, self.mask_id = model, D, mask_id
+        self.cache = DynamicCache(config=model.config)
+        self.cached: list[int] = []  # tokens whose causal KV is in the cache
+
+    @torch.no_grad()
+    def __call__(self, committed: Sequence[int]) -> torch.Tensor:
+        L, D = len(committed), self.D
+        common = 0
+        while common < min(len(self.cached), L - 1) and self.cached[common] == committed[common]:
+            common += 1
+        if common < len(self.cached):  # another branch (self-speculative rows): drop the rest
+            self.cache.crop(common)
+            self.cached = self.cached[:common]
+        new = list(committed[common : L - 1])
+        ids = new + [committed[-1]] + [self.mask_id] * (D - 1)
+        n = len(new)
+        q = torch.arange(n + D)[:, None]
+        k = torch.arange(common + n + D)[None, :] - common  # key index relative to the new tokens
+        causal_rows = (q < n) & (k <= q)
+        # The window sees everything fed: cache and new tokens hold x_0..x_{L-2} only, never x_{L-1}.
+        window_rows = torch.broadcast_to(q >= n, causal_rows.shape)
+        positions = torch.cat([torch.arange(common, L - 1), torch.arange(L - 1, L - 1 + D)])
+        device = self.model.device
+        dtype = self.model.get_input_embeddings().weight.dtype
+        out = self.model(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=_additive(causal_rows | window_rows, dtype).to(device),
+            position_ids=positions[None].to(device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=D,
+        )
+        self.cache.crop(-D)  # the window's keys/values are scratch (transformers 5: crop(-n) drops n)
+        self.cached = list(committed[: L - 1])
+        assert self.cache.get_seq_length() == L - 1
+        return out.logits[0].float()
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -155,6 +209,7 @@ def generate_sdlm(
     mask_id: int = MASK_ID,
     eos_ids: Sequence[int] = EOS_IDS,
     seed: int | None = None,
+    impl: str = "full",
 ) -> tuple[list[int], list[int]]:
     """Decode one prompt with SDLM; returns (generated tokens without eos, accept length per step).
 
@@ -162,6 +217,8 @@ def generate_sdlm(
     """
     if alg not in ALGORITHMS:
         raise ValueError(f"unknown alg {alg!r}; valid: {ALGORITHMS}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {IMPLS}")
     if D < 1 or max_new_tokens <= 0 or not prompt_ids:
         raise ValueError("need D >= 1, max_new_tokens > 0 and a non-empty prompt")
     generator = torch.Generator()
@@ -170,9 +227,15 @@ def generate_sdlm(
     else:
         generator.manual_seed(seed)
 
+    if impl == "cached":
+        logits_of = CachedWindows(model, D=D, mask_id=mask_id)
+    else:
+        def logits_of(committed):
+            return window_logits(model, committed, D=D, mask_id=mask_id)
+
     def predict(committed: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return sample_window(
-            window_logits(model, committed, D=D, mask_id=mask_id),
+            logits_of(committed),
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,

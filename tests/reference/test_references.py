@@ -301,6 +301,24 @@ def test_sdlm_window_attention():
     ]
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(threshold=0.0),
+        dict(threshold=0.3, alg="entropy_conf"),
+        dict(threshold=0.6),
+        dict(threshold=0.5, alg="self_speculative"),
+        dict(threshold=0.2, temperature=0.8, top_p=0.9, seed=4),
+    ],
+)
+def test_sdlm_cached_equals_full(focused_sdlm_model, kw):
+    prompt = _prompt(11, seed=6)
+    cached = generate_sdlm(focused_sdlm_model, prompt, max_new_tokens=21, D=4, impl="cached", **kw)
+    full = generate_sdlm(focused_sdlm_model, prompt, max_new_tokens=21, D=4, impl="full", **kw)
+    assert cached == full
+    assert len(set(full[1])) > 1 or kw["threshold"] == 0.0  # accept lengths vary: the cache is exercised
+
+
 def test_sdlm_self_speculative_equals_one_token_per_step(focused_sdlm_model):
     for seed in (1, 2):
         prompt = _prompt(12, seed=seed)
