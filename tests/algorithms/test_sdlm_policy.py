@@ -57,19 +57,28 @@ def test_sampling_draws_from_the_filtered_distribution_and_is_seeded():
     assert torch.equal(tokens, again)
 
 
-def test_batched_windows_equal_each_request_alone():
+def test_batched_windows_commit_what_each_request_commits_alone():
     torch.manual_seed(0)
-    logits = torch.randn(11, 50) * 3
+    logits = torch.randn(19, 50) * 4
     requests = [
-        sdlm.WindowRequest(4),
-        sdlm.WindowRequest(3, entropy_conf=True),
-        sdlm.WindowRequest(4, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(1)),
+        sdlm.WindowRequest(4, threshold=0.0),
+        sdlm.WindowRequest(3, threshold=0.3, entropy_conf=True),
+        sdlm.WindowRequest(4, threshold=0.2, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(1)),
+        sdlm.WindowRequest(4, threshold=0.0, first_only=True),
+        sdlm.WindowRequest(4, threshold=0.5),
     ]
-    tokens, conf = sdlm.sample_windows(logits, requests)
+    committed = sdlm.commit_windows(logits, requests)
     alone = [
         sdlm.sample_window(logits[0:4]),
         sdlm.sample_window(logits[4:7], entropy_conf=True),
         sdlm.sample_window(logits[7:11], temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(1)),
+        sdlm.sample_window(logits[11:15]),
+        sdlm.sample_window(logits[15:19]),
     ]
-    torch.testing.assert_close(tokens, torch.cat([t for t, _ in alone]))
-    torch.testing.assert_close(conf, torch.cat([c for _, c in alone]))
+    expected = [
+        tokens[: 1 if r.first_only else sdlm.accept_length(conf, r.threshold)].tolist()
+        for r, (tokens, conf) in zip(requests, alone)
+    ]
+    assert committed == expected
+    assert [len(c) for c in committed][:1] == [4] and len(committed[3]) == 1
+    assert len({len(c) for c in committed}) > 1

@@ -26,16 +26,20 @@ _SOFTMAX_ROWS = 256  # bounds the [rows, vocab] probability buffer (vocab ~152k:
 
 
 class WindowRequest:
-    """One request's share of a batched window step (see :func:`sample_windows`)."""
+    """One request's share of a batched window step (see :func:`commit_windows`)."""
 
-    __slots__ = ("num_rows", "temperature", "top_p", "top_k", "entropy_conf", "generator")
+    __slots__ = ("num_rows", "threshold", "temperature", "top_p", "top_k", "entropy_conf", "first_only",
+                 "generator")
 
-    def __init__(self, num_rows, temperature=0.0, top_p=1.0, top_k=0, entropy_conf=False, generator=None):
+    def __init__(self, num_rows, threshold=DEFAULT_THRESHOLD, temperature=0.0, top_p=1.0, top_k=0,
+                 entropy_conf=False, first_only=False, generator=None):
         self.num_rows = num_rows  # window rows of this request in the logits, in order
+        self.threshold = threshold
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k  # <= 0: no top-k filter
         self.entropy_conf = entropy_conf
+        self.first_only = first_only  # commit the first prediction only (self-speculative's output)
         self.generator = generator
 
     @property
@@ -98,49 +102,71 @@ def sample_window(
     return tokens, confidence
 
 
-def _greedy_rows(logits: torch.Tensor, entropy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax and confidence of greedy rows, in row chunks (one fused softmax per chunk).
-
-    ``entropy[i]`` says whether row i reports entropy confidence instead of the top probability.
-    """
-    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    confidence = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    any_entropy = bool(entropy.any())
+def _greedy_round(logits: torch.Tensor, entropy: list[bool], thresholds: list[float]) -> tuple[list, list]:
+    """Argmax of some greedy rows and whether each is confident (confidence > its threshold, compared
+    in float32 like SDLM), in row chunks (one fused softmax per chunk)."""
+    tokens, confident = [], []
     for start in range(0, logits.shape[0], _SOFTMAX_ROWS):
         rows = slice(start, start + _SOFTMAX_ROWS)
         probs = torch.softmax(logits[rows].float(), dim=-1)
-        top, tokens[rows] = probs.max(dim=-1)
-        if any_entropy:
-            top = torch.where(entropy[rows], entropy_confidence(probs), top)
-        confidence[rows] = top
-    return tokens, confidence
+        top, arg = probs.max(dim=-1)
+        if any(entropy[rows]):
+            top = torch.where(torch.tensor(entropy[rows], device=top.device), entropy_confidence(probs), top)
+        threshold = torch.tensor(thresholds[rows], dtype=torch.float32, device=top.device)
+        tokens += arg.tolist()
+        confident += (top > threshold).tolist()
+    return tokens, confident
 
 
-def sample_windows(logits: torch.Tensor, requests: list[WindowRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`sample_window` for many requests at once; ``logits`` rows follow ``requests`` in order.
+def commit_windows(logits: torch.Tensor, requests: list[WindowRequest]) -> list[list[int]]:
+    """The committed tokens of every request's window; ``logits`` rows follow ``requests`` in order.
 
-    Greedy rows (most traffic) share one vocabulary pass; sampled or filtered rows run per request
-    with the request's own generator, so batching never changes a request's result. Returns CPU
-    tensors ``(tokens, confidence)`` over all rows: one device sync per step.
+    Sampled or filtered requests run :func:`sample_window` on their whole window with their own
+    generator (the random stream never depends on the batch). Greedy requests are decided in
+    rounds over window positions: round j computes row j only for the requests whose rows
+    ``0..j-1`` were all confident, since no later row can commit otherwise. That skips most of the
+    vocabulary-wide softmax work, which dominates a step on CPU.
     """
-    entropy = torch.tensor(
-        [r.entropy_conf for r in requests for _ in range(r.num_rows)], dtype=torch.bool
-    ).to(logits.device)
-    tokens, confidence = _greedy_rows(logits, entropy)
-    start = 0
+    starts, start = [], 0
     for request in requests:
-        end = start + request.num_rows
-        if not request.greedy and request.num_rows:
-            tokens[start:end], confidence[start:end] = sample_window(
-                logits[start:end],
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                entropy_conf=request.entropy_conf,
-                generator=request.generator,
-            )
-        start = end
-    return tokens.cpu(), confidence.cpu()
+        starts.append(start)
+        start += request.num_rows
+    committed: list[list[int]] = [[] for _ in requests]
+    running = []
+    for i, request in enumerate(requests):
+        if not request.num_rows:
+            continue
+        if request.greedy:
+            running.append(i)
+            continue
+        rows = logits[starts[i] : starts[i] + request.num_rows]
+        tokens, confidence = sample_window(rows, temperature=request.temperature, top_p=request.top_p,
+                                           top_k=request.top_k, entropy_conf=request.entropy_conf,
+                                           generator=request.generator)
+        n = 1 if request.first_only else accept_length(confidence.cpu(), request.threshold)
+        committed[i] = tokens[:n].tolist()
+    first_only = [i for i in running if requests[i].first_only]
+    if first_only:
+        rows = torch.tensor([starts[i] for i in first_only], device=logits.device)
+        for i, token in zip(first_only, logits.index_select(0, rows).argmax(dim=-1).tolist()):
+            committed[i] = [token]
+    running = [i for i in running if not requests[i].first_only]
+    j = 0
+    while running:
+        rows = torch.tensor([starts[i] + j for i in running], device=logits.device)
+        tokens, confident_rows = _greedy_round(
+            logits.index_select(0, rows),
+            [requests[i].entropy_conf for i in running],
+            [requests[i].threshold for i in running],
+        )
+        still = []
+        for i, token, confident in zip(running, tokens, confident_rows):
+            if j == 0 or confident:  # the first token always commits; later ones extend the run
+                committed[i].append(token)
+            if confident and j + 1 < requests[i].num_rows:
+                still.append(i)
+        running, j = still, j + 1
+    return committed
 
 
 def accept_length(confidence: torch.Tensor, threshold: float) -> int:

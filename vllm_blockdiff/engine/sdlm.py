@@ -61,27 +61,26 @@ class SDLMSteps:
         """Accepted prefixes of every window, written to ``out`` rows."""
         requests = []
         for row in plan.canvases:
-            opts = states[row.req_id].options
+            state = states[row.req_id]
+            opts = state.options
             requests.append(
                 sdlm.WindowRequest(
-                    row.length, opts.temperature, opts.top_p, opts.top_k, opts.entropy_conf,
-                    states[row.req_id].generator,
+                    row.length,
+                    threshold=opts.threshold,
+                    temperature=opts.temperature,
+                    top_p=opts.top_p,
+                    top_k=opts.top_k,
+                    entropy_conf=opts.entropy_conf,
+                    # Every token self-speculative commits is the first prediction of the window
+                    # after its prefix (drafts are only accepted when they equal it), so its output
+                    # is first-token-only decoding. Its speed comes from verifying D drafts in one
+                    # packed pass, which needs per-row scratch KV (docs/design.md); here each forward
+                    # commits one token: the same output, one token per forward.
+                    first_only=opts.alg == "self_speculative",
+                    generator=state.generator,
                 )
             )
-        tokens, confidence = sdlm.sample_windows(logits, requests)
-        start = 0
-        for row in plan.canvases:
-            end = start + row.length
-            options = states[row.req_id].options
-            if options.alg == "self_speculative":
-                # Every token self-speculative commits is the first prediction of the window after
-                # its prefix (drafts are only accepted when they equal it), so its output is
-                # first-token-only decoding. What makes it fast is verifying D drafts in one packed
-                # pass; that needs per-row scratch KV (docs/design.md), so here each forward commits
-                # one token: the same output, one token per forward.
-                n = 1
-            else:
-                n = sdlm.accept_length(confidence[start:end], options.threshold)
-            n = min(n, self.defaults.max_model_len - int(num_tokens[row.req_index]))
-            out[row.req_index, :n] = tokens[start : start + n].to(torch.int32)
-            start = end
+        for row, tokens in zip(plan.canvases, sdlm.commit_windows(logits, requests)):
+            # Never past the context: vLLM's runner refuses tokens beyond max_model_len.
+            tokens = tokens[: self.defaults.max_model_len - int(num_tokens[row.req_index])]
+            out[row.req_index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
