@@ -33,7 +33,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, max_model_len=4096, gpu_memory_utilization=0.3)
+    llm = LLM(model=model, max_model_len=4096, kv_cache_memory_bytes=1 << 30)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

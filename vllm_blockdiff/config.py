@@ -104,6 +104,8 @@ class BlockDiffusionConfigHook:
             )
         if not current_platform.is_cpu():
             _use_v1_runner_with_piecewise_graphs(vllm_config)
+            if family == "sdlm":
+                _use_per_row_causal_attention(vllm_config)
         cache = vllm_config.cache_config
         # SDLM needs no particular page size: its window KV is scratch and never hashed.
         if family == "bd3lm" and not cache.user_specified_block_size:
@@ -134,6 +136,20 @@ def _use_v1_runner_with_piecewise_graphs(vllm_config) -> None:
     compilation = vllm_config.compilation_config
     if compilation.cudagraph_mode != CUDAGraphMode.NONE:
         compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+
+
+def _use_per_row_causal_attention(vllm_config) -> None:
+    """GPU, SDLM: a step mixes causal rows (accepted tokens) and bidirectional rows (windows).
+
+    ``CommonAttentionMetadata.causal`` then is a per-row int32 tensor, which FlashAttention takes
+    only in version 4 (``NotImplementedError`` in FA2/FA3); TRITON_ATTN takes it on every GPU.
+    A backend the user chose is kept.
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    attention = vllm_config.attention_config
+    if attention.backend is None and attention.flash_attn_version is None:
+        attention.backend = AttentionBackendEnum.TRITON_ATTN
 
 
 def model_defaults(vllm_config) -> ModelDefaults:
