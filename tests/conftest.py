@@ -148,13 +148,19 @@ def make_llm(model: Path, **kwargs):
     return LLM(**args)
 
 
+def inproc_engine(model: Path, **kwargs):
+    """Generator for fixtures: an engine in this process (its scheduler can be inspected), shut down
+    after use. Only one can live at a time, so fixtures using it are module- or class-scoped."""
+    with env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
+        llm = make_llm(model, **kwargs)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
 @pytest.fixture(scope="module")
 def inproc_llm(bd3lm_ckpt):
     """The default engine (prefix caching on), in this process so tests can inspect its scheduler."""
-    with env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
-        llm = make_llm(bd3lm_ckpt)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    yield from inproc_engine(bd3lm_ckpt)
 
 
 def scheduler_of(llm):

@@ -11,7 +11,7 @@ import random
 import pytest
 from vllm import SamplingParams
 
-from tests.conftest import env, make_llm, random_prompt
+from tests.conftest import inproc_engine, random_prompt
 from tests.engine.sdlm_cases import SDLMCase, accept_histogram, assert_matches_reference, run
 from tests.reference import load_reference_model
 
@@ -20,10 +20,7 @@ D = 4
 
 @pytest.fixture(scope="module")
 def llm(sdlm4_ckpt):
-    with env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
-        engine = make_llm(sdlm4_ckpt)
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
+    yield from inproc_engine(sdlm4_ckpt)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from tests.conftest import env, make_llm
+from tests.conftest import inproc_engine
 from tests.engine.sdlm_cases import SDLMCase, accept_histogram, assert_matches_reference, run
 from tests.reference import load_reference_model
 
@@ -24,10 +24,7 @@ def letters_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(letters_ckpt):
-    with env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
-        engine = make_llm(letters_ckpt, disable_log_stats=False)
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
+    yield from inproc_engine(letters_ckpt, disable_log_stats=False)  # stats on: Prometheus counters
 
 
 @pytest.fixture(scope="module")

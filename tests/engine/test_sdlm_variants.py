@@ -7,16 +7,9 @@ import random
 
 import pytest
 
-from tests.conftest import env, make_llm, random_prompt
+from tests.conftest import inproc_engine, random_prompt
 from tests.engine.sdlm_cases import SDLMCase, accept_histogram, assert_matches_reference, run
 from tests.reference import load_reference_model
-
-
-def _engine(ckpt, **kwargs):
-    with env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
-        engine = make_llm(ckpt, **kwargs)
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
 
 
 class TestWindowOf8NoPrefixCacheChunkedPrefill:
@@ -25,7 +18,7 @@ class TestWindowOf8NoPrefixCacheChunkedPrefill:
     @pytest.fixture(scope="class")
     def llm(self, sdlm8_ckpt):
         # 64 tokens per step: prompts longer than that are prefilled in chunks.
-        yield from _engine(sdlm8_ckpt, enable_prefix_caching=False, max_num_batched_tokens=64)
+        yield from inproc_engine(sdlm8_ckpt, enable_prefix_caching=False, max_num_batched_tokens=64)
 
     @pytest.fixture(scope="class")
     def ref_model(self, sdlm8_ckpt, reference_threads):
@@ -60,7 +53,7 @@ class TestTiedEmbeddings:
 
     @pytest.fixture(scope="class")
     def llm(self, sdlm4_tied_ckpt):
-        yield from _engine(sdlm4_tied_ckpt)
+        yield from inproc_engine(sdlm4_tied_ckpt)
 
     @pytest.fixture(scope="class")
     def ref_model(self, sdlm4_tied_ckpt, reference_threads):

@@ -24,13 +24,20 @@ def test_patch_is_documented(name):
         assert field in doc, f"engine_patches.{name} docstring lacks {field!r}"
 
 
-def test_input_processor_patch_is_applied_once():
+def _patched_symbols():
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
 
+    return [(InputProcessor, "_validate_params"), (PrometheusStatLogger, "__init__")]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["input_processor", "metrics_loggers"])
+def test_patch_is_applied_once(index):
+    owner, name = _patched_symbols()[index]
     engine_patches.apply_all()
-    patched = InputProcessor._validate_params
+    patched = getattr(owner, name)
     engine_patches.apply_all()
-    assert InputProcessor._validate_params is patched
+    assert getattr(owner, name) is patched
     assert getattr(patched, "_blockdiff_patched", False)
 
 
@@ -46,16 +53,6 @@ def test_input_processor_patch_refuses_a_changed_upstream_signature(monkeypatch)
     monkeypatch.setattr(upstream, "InputProcessor", Drifted)
     with pytest.raises(RuntimeError, match="changed upstream"):
         input_processor.apply()
-
-
-def test_metrics_loggers_patch_is_applied_once():
-    from vllm.v1.metrics.loggers import PrometheusStatLogger
-
-    engine_patches.apply_all()
-    patched = PrometheusStatLogger.__init__
-    engine_patches.apply_all()
-    assert PrometheusStatLogger.__init__ is patched
-    assert getattr(patched, "_blockdiff_patched", False)
 
 
 def test_metrics_loggers_patch_refuses_a_changed_upstream_signature(monkeypatch):
