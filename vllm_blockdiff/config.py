@@ -20,6 +20,7 @@ DEFAULT_SDLM_WINDOW = 4  # SDLM's modeling code falls back to 4 when config.json
 # KV page size for our models: a multiple of every block size a request may ask for (prefix
 # caching hashes whole pages), and of 32 (CPU attention) and 16 (GPU attention kernels).
 DEFAULT_KV_PAGE_SIZE = 128
+SDLM_CPU_KV_PAGE_SIZE = 32
 MASK_TOKENS = ("<|mask|>", "<text_mask>")  # BD3LM, SDLM
 
 
@@ -89,6 +90,12 @@ class BlockDiffusionConfigHook:
         )
         if family == "sdlm" and hf_config.blockdiff_block_size < 2:
             raise ValueError(f"{model_config.model}: SDLM block_size (the window D) must be >= 2")
+        window_step = 2 * hf_config.blockdiff_block_size  # accepted last step + the window
+        if family == "sdlm" and vllm_config.scheduler_config.max_num_batched_tokens < window_step:
+            raise ValueError(
+                f"max_num_batched_tokens={vllm_config.scheduler_config.max_num_batched_tokens} cannot hold "
+                f"one SDLM step of this checkpoint ({window_step} tokens: D={hf_config.blockdiff_block_size})"
+            )
 
         sched = vllm_config.scheduler_config
         sched.scheduler_cls = SCHEDULERS[family]
@@ -107,11 +114,16 @@ class BlockDiffusionConfigHook:
             if family == "sdlm":
                 _use_per_row_causal_attention(vllm_config)
         cache = vllm_config.cache_config
-        # SDLM needs no particular page size: its window KV is scratch and never hashed.
-        if family == "bd3lm" and not cache.user_specified_block_size:
-            cache.block_size = DEFAULT_KV_PAGE_SIZE
-            # Otherwise the platform replaces it with its attention backend's preference (GPU: 16).
-            cache.user_specified_block_size = True
+        if not cache.user_specified_block_size:
+            if family == "bd3lm":
+                cache.block_size = DEFAULT_KV_PAGE_SIZE
+                # Otherwise the platform replaces it with its attention backend's preference (GPU: 16).
+                cache.user_specified_block_size = True
+            elif current_platform.is_cpu():
+                # SDLM's self-speculative rows recompute the tail of the last page (under P tokens)
+                # per verify window: the smallest page CPU attention takes (GPU's default is 16).
+                cache.block_size = SDLM_CPU_KV_PAGE_SIZE
+                cache.user_specified_block_size = True
         logger.info(
             "vllm_blockdiff: %s checkpoint, mask id %d, KV page %d, worker %s",
             hf_config.blockdiff_family,

@@ -64,7 +64,7 @@ def test_batched_windows_commit_what_each_request_commits_alone():
         sdlm.WindowRequest(4, threshold=0.0),
         sdlm.WindowRequest(3, threshold=0.3, entropy_conf=True),
         sdlm.WindowRequest(4, threshold=0.2, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(1)),
-        sdlm.WindowRequest(4, threshold=0.0, first_only=True),
+        sdlm.WindowRequest(4, threshold=2.0),
         sdlm.WindowRequest(4, threshold=0.5),
     ]
     committed = sdlm.commit_windows(logits, requests)
@@ -75,10 +75,27 @@ def test_batched_windows_commit_what_each_request_commits_alone():
         sdlm.sample_window(logits[11:15]),
         sdlm.sample_window(logits[15:19]),
     ]
-    expected = [
-        tokens[: 1 if r.first_only else sdlm.accept_length(conf, r.threshold)].tolist()
-        for r, (tokens, conf) in zip(requests, alone)
-    ]
+    expected = [tokens[: sdlm.accept_length(conf, r.threshold)].tolist() for r, (tokens, conf) in zip(requests, alone)]
     assert committed == expected
     assert [len(c) for c in committed][:1] == [4] and len(committed[3]) == 1
     assert len({len(c) for c in committed}) > 1
+
+
+@pytest.mark.parametrize(
+    "draft,first_predictions,expected",
+    [
+        ([5, 6, 7, 8], [6, 7, 8], 4),
+        ([5, 6, 7, 8], [6, 0, 8], 2),  # row 1 predicts 0 after [5, 6]: 7 is rejected, so is 8
+        ([5, 6, 7, 8], [9, 7, 8], 1),  # the first draft token always commits
+    ],
+)
+def test_self_speculative_accepts_drafts_while_they_match_the_verify_rows(draft, first_predictions, expected):
+    assert sdlm.verified_length(draft, first_predictions) == expected
+
+
+def test_window_predictions_are_the_argmax_or_a_seeded_draw():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    assert sdlm.window_predictions(logits, sdlm.WindowRequest(2)) == [1, 0]
+    sampled = sdlm.WindowRequest(2, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    again = sdlm.WindowRequest(2, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert sdlm.window_predictions(logits, sampled) == sdlm.window_predictions(logits, again)

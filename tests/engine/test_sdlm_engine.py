@@ -132,7 +132,7 @@ def test_shared_prefix_hits_the_prefix_cache_and_stays_exact(llm, ref_model):
     for prompt, completion in zip(prompts, first + rest):
         assert_matches_reference(completion, case.reference(ref_model, prompt, D)[0], case.max_tokens)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], case.params(), use_tqdm=False)
-    # Whole 128-token KV pages of the shared prefix (and of earlier generations) were reused.
+    # Whole KV pages of the shared prefix (and of earlier generations) were reused.
     assert all(o.num_cached_tokens >= 256 for o in outs)
 
 
@@ -141,13 +141,14 @@ def test_window_kv_is_never_served_from_the_prefix_cache(llm, ref_model):
     page with window KV in it. Were the page cached (vLLM hashes up to num_tokens), a longer prompt
     sharing it would read the window's KV of token 255 as context and diverge."""
     rng = random.Random(7)
-    prompt = random_prompt(rng, 256)  # token 255 closes the second KV page (128 tokens each)
+    prompt = random_prompt(rng, 256)  # token 255 closes a KV page
     case = SDLMCase(1, threshold=2.0)
     run(llm, [prompt], case.params())
     extended = prompt + random_prompt(rng, 40)
     [out] = llm.generate([{"prompt_token_ids": extended}], SamplingParams(max_tokens=16, temperature=0.0),
                          use_tqdm=False)
-    assert out.num_cached_tokens == 128  # only the first page: the second was never hashed
+    page = llm.llm_engine.vllm_config.cache_config.block_size
+    assert out.num_cached_tokens == 256 - page  # all pages but the one closed by token 255
     assert_matches_reference(out.outputs[0], SDLMCase(16).reference(ref_model, extended, D)[0], 16)
 
 
@@ -185,20 +186,41 @@ def test_bad_options_are_rejected_and_engine_keeps_serving(llm, extra, param):
     assert len(completion.token_ids) >= 1
 
 
-def test_self_speculative_equals_first_token_decoding(llm, ref_model):
-    """At temperature 0 the reference's self-speculative decoding (drafts verified against the model's
-    next prediction, several accepted per verify pass) equals first-token-only decoding; so does ours."""
+def test_self_speculative_verifies_drafts_in_packed_windows_and_equals_first_token_decoding(llm, ref_model):
+    """At temperature 0 self-speculative decoding (drafts verified against the model's next prediction,
+    several accepted per verify pass) equals first-token-only decoding. The engine runs SDLM's packed
+    verify pass: its accept lengths per forward are the reference's, pass for pass."""
     rng = random.Random(21)
-    prompts = [random_prompt(rng, n) for n in (3, 17, 33)]
+    prompts = [random_prompt(rng, n) for n in (3, 17, 33, 70)]
     spec = SDLMCase(24, "self_speculative")
     first_token = SDLMCase(24, "prob_conf", threshold=2.0)
     spec_out = run(llm, prompts, spec.params())
     first_out = run(llm, prompts, first_token.params())
-    drafts_accepted = []
+    verified = []
     for prompt, a, b in zip(prompts, spec_out, first_out):
         expected, verify_lengths = spec.reference(ref_model, prompt, D)
         assert expected == first_token.reference(ref_model, prompt, D)[0]
         assert_matches_reference(a, expected, spec.max_tokens)
         assert a.token_ids == b.token_ids
-        drafts_accepted += verify_lengths
-    assert max(drafts_accepted) > 1  # the reference really accepted drafts: the comparison has teeth
+        assert a.spec_decode_metrics.histogram == accept_histogram(verify_lengths, D)
+        verified += verify_lengths
+    assert max(verified) == D and sum(verified) / len(verified) > 1.3  # drafts do get accepted
+
+
+def test_self_speculative_mixed_into_a_busy_batch(llm, ref_model):
+    """More packed requests than scratch regions share the batch with other algorithms: the extra ones
+    fall back to one token per forward for a step, every output stays exact."""
+    from vllm_blockdiff.engine.sdlm import MAX_PACKED_REQUESTS
+
+    rng = random.Random(77)
+    cases = [SDLMCase(20, "self_speculative") for _ in range(MAX_PACKED_REQUESTS + 4)]
+    cases += [SDLMCase(20, "prob_conf", 0.6), SDLMCase(20, "entropy_conf", 0.9)] * 2
+    prompts = [random_prompt(rng, rng.randint(1, 60)) for _ in cases]
+    completions = run(llm, prompts, [c.params() for c in cases])
+    fell_back = 0
+    for case, prompt, completion in zip(cases, prompts, completions):
+        expected, accept_lengths = case.reference(ref_model, prompt, D)
+        assert_matches_reference(completion, expected, case.max_tokens)
+        # A fallback step is one more 1-token forward than the reference's verify passes.
+        fell_back += completion.spec_decode_metrics.histogram != accept_histogram(accept_lengths, D)
+    assert fell_back > 0

@@ -59,6 +59,18 @@ def test_confident_windows_commit_several_tokens_and_change_nothing(llm, ref_mod
         assert completion.spec_decode_metrics.histogram == accept_histogram(accept_lengths, D)
 
 
+def test_self_speculative_verifies_several_drafts_per_forward_on_a_confident_model(llm, ref_model, prompts):
+    first_token = run(llm, prompts, SDLMCase(48, threshold=2.0).params())
+    spec = SDLMCase(48, "self_speculative")
+    verified = run(llm, prompts, spec.params())
+    assert [c.token_ids for c in verified] == [c.token_ids for c in first_token]
+    assert _tokens_per_forward(verified) > 2.0
+    for prompt, completion in zip(prompts[:3], verified):
+        expected, verify_lengths = spec.reference(ref_model, prompt, D)
+        assert_matches_reference(completion, expected, spec.max_tokens)
+        assert completion.spec_decode_metrics.histogram == accept_histogram(verify_lengths, D)
+
+
 def test_prometheus_counters_aggregate_the_windows(llm, prompts):
     def counters():
         values = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}

@@ -39,6 +39,16 @@ class TestWindowOf8NoPrefixCacheChunkedPrefill:
         if threshold == 0.0:
             assert set(lengths_seen) == {self.D}
 
+    def test_self_speculative_falls_back_when_a_packed_step_exceeds_the_token_budget(self, llm, ref_model):
+        """Eight verify windows with their recomputed tails need more than 64 tokens: one token per
+        forward then, never a request waiting forever for a budget it cannot get."""
+        case = SDLMCase(max_tokens=30, alg="self_speculative")
+        rng = random.Random(88)
+        prompts = [random_prompt(rng, n) for n in (5, 40)]
+        for prompt, completion in zip(prompts, run(llm, prompts, case.params())):
+            assert_matches_reference(completion, case.reference(ref_model, prompt, self.D)[0], case.max_tokens)
+            assert completion.spec_decode_metrics.histogram[0] == sum(completion.spec_decode_metrics.histogram)
+
     def test_concurrent_requests_held_back_by_the_token_budget_stay_exact(self, llm, ref_model):
         """16 requests of up to 2*D tokens per step against a 64-token budget: some wait each step."""
         rng = random.Random(8)
@@ -46,6 +56,27 @@ class TestWindowOf8NoPrefixCacheChunkedPrefill:
         prompts = [random_prompt(rng, rng.randint(1, 80)) for _ in cases]
         for case, prompt, completion in zip(cases, prompts, run(llm, prompts, [c.params() for c in cases])):
             assert_matches_reference(completion, case.reference(ref_model, prompt, self.D)[0], case.max_tokens)
+
+
+class TestSelfSpeculativeWindowOf8:
+    D = 8
+
+    @pytest.fixture(scope="class")
+    def llm(self, sdlm8_ckpt):
+        yield from inproc_engine(sdlm8_ckpt)
+
+    @pytest.fixture(scope="class")
+    def ref_model(self, sdlm8_ckpt, reference_threads):
+        return load_reference_model(sdlm8_ckpt)
+
+    def test_packs_eight_verify_windows(self, llm, ref_model):
+        case = SDLMCase(max_tokens=30, alg="self_speculative")
+        rng = random.Random(88)
+        prompts = [random_prompt(rng, n) for n in (5, 40)]
+        for prompt, completion in zip(prompts, run(llm, prompts, case.params())):
+            expected, verify_lengths = case.reference(ref_model, prompt, self.D)
+            assert_matches_reference(completion, expected, case.max_tokens)
+            assert completion.spec_decode_metrics.histogram == accept_histogram(verify_lengths, self.D)
 
 
 class TestTiedEmbeddings:

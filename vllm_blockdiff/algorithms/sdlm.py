@@ -9,8 +9,8 @@ with confidence strictly above the threshold, clamped to [1, D]: the first token
 
 ``self_speculative`` commits by verification instead of confidence: a window's predictions are the
 draft, and draft token i+1 is accepted while it equals the first prediction of the window that
-follows draft tokens 0..i. Every committed token is therefore the first prediction of the window
-after its prefix: the output is first-token-only decoding (``accept_length`` = 1), and the
+follows draft tokens 0..i (``verified_length``). Every committed token is therefore the first
+prediction of the window after its prefix: the output is first-token-only decoding, and the
 algorithm's gain is speed, from verifying D drafts in one packed pass.
 """
 
@@ -28,18 +28,16 @@ _SOFTMAX_ROWS = 256  # bounds the [rows, vocab] probability buffer (vocab ~152k:
 class WindowRequest:
     """One request's share of a batched window step (see :func:`commit_windows`)."""
 
-    __slots__ = ("num_rows", "threshold", "temperature", "top_p", "top_k", "entropy_conf", "first_only",
-                 "generator")
+    __slots__ = ("num_rows", "threshold", "temperature", "top_p", "top_k", "entropy_conf", "generator")
 
     def __init__(self, num_rows, threshold=DEFAULT_THRESHOLD, temperature=0.0, top_p=1.0, top_k=0,
-                 entropy_conf=False, first_only=False, generator=None):
+                 entropy_conf=False, generator=None):
         self.num_rows = num_rows  # window rows of this request in the logits, in order
         self.threshold = threshold
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k  # <= 0: no top-k filter
         self.entropy_conf = entropy_conf
-        self.first_only = first_only  # commit the first prediction only (self-speculative's output)
         self.generator = generator
 
     @property
@@ -143,14 +141,8 @@ def commit_windows(logits: torch.Tensor, requests: list[WindowRequest]) -> list[
         tokens, confidence = sample_window(rows, temperature=request.temperature, top_p=request.top_p,
                                            top_k=request.top_k, entropy_conf=request.entropy_conf,
                                            generator=request.generator)
-        n = 1 if request.first_only else accept_length(confidence.cpu(), request.threshold)
+        n = accept_length(confidence.cpu(), request.threshold)
         committed[i] = tokens[:n].tolist()
-    first_only = [i for i in running if requests[i].first_only]
-    if first_only:
-        rows = torch.tensor([starts[i] for i in first_only], device=logits.device)
-        for i, token in zip(first_only, logits.index_select(0, rows).argmax(dim=-1).tolist()):
-            committed[i] = [token]
-    running = [i for i in running if not requests[i].first_only]
     j = 0
     while running:
         rows = torch.tensor([starts[i] + j for i in running], device=logits.device)
@@ -175,3 +167,21 @@ def accept_length(confidence: torch.Tensor, threshold: float) -> int:
     run = above.index(False) if False in above else len(above)
     return max(1, run)
 
+
+
+def window_predictions(logits: torch.Tensor, request: WindowRequest) -> list[int]:
+    """All of one window's predictions (a self-speculative draft or verify row)."""
+    if request.greedy:
+        return logits.argmax(dim=-1).tolist()
+    tokens, _ = sample_window(logits, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                              generator=request.generator)
+    return tokens.tolist()
+
+
+def verified_length(draft: list[int], first_predictions: list[int]) -> int:
+    """Self-speculative acceptance: ``draft[0]`` always, then ``draft[i+1]`` while it equals
+    ``first_predictions[i]``, the first prediction of the window after ``draft[:i+1]``."""
+    n = 1
+    while n < len(draft) and draft[n] == first_predictions[n - 1]:
+        n += 1
+    return n

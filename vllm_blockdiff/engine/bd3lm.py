@@ -42,9 +42,12 @@ class BD3LMRequestState:
 class BD3LMSteps:
     """The BD3LM family's part of :class:`~vllm_blockdiff.engine.runner.BlockDiffRunnerMixin`."""
 
-    def __init__(self, defaults: ModelDefaults):
+    def __init__(self, defaults: ModelDefaults, vllm_config):
         self.defaults = defaults
         self.mask_id = defaults.mask_token_id
+
+    def kv_cache_ready(self, kv_cache_config) -> None:
+        """BD3LM keeps everything in the request's own pages."""
 
     def new_state(self, params, generator: torch.Generator) -> BD3LMRequestState:
         return BD3LMRequestState(resolve_bd3lm_options(params, self.defaults), generator, params.eos_token_id)
@@ -57,7 +60,7 @@ class BD3LMSteps:
         token_ids[start : start + len(placeholders)] = state.chunk.canvas.numpy()
 
     def plan(self, plan: StepPlan, req_index: int, req_id: str, state: BD3LMRequestState,
-             computed: int, num_sched: int, num_masks: int, offset: int) -> None:
+             computed: int, num_sched: int, num_masks: int, offset: int, token_ids: np.ndarray) -> None:
         block_size = state.options.block_size
         regular_end = computed + num_sched - num_masks
         add_block_causal_segments(plan, req_index, computed, regular_end, block_size)

@@ -46,7 +46,7 @@ class BlockDiffRunnerMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._defaults = model_defaults(self.vllm_config)
-        self._steps = FAMILY_STEPS[self._defaults.family](self._defaults)
+        self._steps = FAMILY_STEPS[self._defaults.family](self._defaults, self.vllm_config)
         self._states: dict[str, object] = {}
         self._plan: StepPlan | None = None
 
@@ -87,12 +87,29 @@ class BlockDiffRunnerMixin:
                 num_sched,
                 len(spec.get(req_id, ())),
                 offset,
+                batch.token_ids_cpu[req_index],
             )
             offset += num_sched
         self._plan = plan
+        if plan.token_overrides:
+            self._override_tokens(plan)
         logits_indices = torch.from_numpy(plan.logits_indices()).to(self.device)
         max_rows = max((c.length for c in plan.canvases), default=1)
         return logits_indices, None, max_rows
+
+    def _override_tokens(self, plan: StepPlan) -> None:
+        """Positions, input ids and KV slots of the tokens the plan places itself (SDLM verify rows)."""
+        index, positions, token_ids, slots = (np.concatenate(parts) for parts in zip(*plan.token_overrides))
+        index = torch.from_numpy(index).to(self.device)
+        self.positions[index] = torch.from_numpy(positions).to(self.positions.device, self.positions.dtype)
+        self.input_ids.gpu[index] = torch.from_numpy(token_ids).to(self.device, self.input_ids.gpu.dtype)
+        for block_table in self.input_batch.block_table.block_tables:
+            mapping = block_table.slot_mapping.gpu
+            mapping[index] = torch.from_numpy(slots).to(mapping.device, mapping.dtype)
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        self._steps.kv_cache_ready(kv_cache_config)
 
     def initialize_metadata_builders(self, *args, **kwargs):
         super().initialize_metadata_builders(*args, **kwargs)

@@ -12,12 +12,15 @@ final, clean KV of a committed token.
 
 from __future__ import annotations
 
+import dataclasses
+
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 
 from vllm_blockdiff.algorithms import bd3lm
 from vllm_blockdiff.config import model_defaults
-from vllm_blockdiff.options import BD3LMOptions, resolve_bd3lm_options
+from vllm_blockdiff.engine.sdlm import ScratchPool, StepKind, packed_layout_fits, packed_num_scheduled
+from vllm_blockdiff.options import BD3LMOptions, resolve_bd3lm_options, resolve_sdlm_options
 
 
 class BlockDiffScheduler(Scheduler):
@@ -118,22 +121,33 @@ class BD3LMScheduler(BlockDiffScheduler):
 class SDLMScheduler(BlockDiffScheduler):
     """The window ``[x_{L-1}, MASK x (D-1)]`` rides on vLLM's draft-token path.
 
-    With committed tokens ``x_0 .. x_{L-1}`` the request keeps ``num_computed_tokens = L - 1`` and
-    D-1 mask placeholders, so a step schedules the tokens accepted last step (causal KV, kept)
+    With committed tokens ``x_0 .. x_{L-1}`` a running request keeps ``num_computed_tokens = L - 1``
+    and D-1 mask placeholders, so a step schedules the tokens accepted last step (causal KV, kept)
     followed by ``x_{L-1}`` and the masks at their natural positions: exactly the window, whose
     first slot is the one ``x_{L-1}``'s causal KV will occupy next step. Window KV is therefore
     overwritten before anything reads it as context, and never hashed: prefix caching stops at
     ``num_tokens - 1``. The runner returns the accepted prefix (1..D tokens); vLLM appends it,
     cutting at eos, stop tokens and ``max_tokens``.
 
-    Acceptance is reported as vLLM's spec-decode statistics: each window is a draft of D-1
-    tokens of which ``n - 1`` were accepted, so the mean acceptance length is the number of
-    tokens committed per forward, per request (``CompletionOutput.spec_decode_metrics``) and in
-    the Prometheus counters.
+    ``self_speculative`` requests alternate between step kinds (``engine/sdlm.py``): a *draft*
+    step (a window that commits nothing; its predictions are the draft), then *packed* verify
+    steps (the drafts causally + D verify windows in scratch KV pages, placeholders for all of
+    them), or a *fallback* window committing one token when no scratch region is free this step
+    or the packed layout would pass the context.
+
+    Acceptance is reported as vLLM's spec-decode statistics: each window (each verify pass) is a
+    draft of D-1 tokens of which ``n - 1`` were accepted, so the mean acceptance length is the
+    number of tokens committed per forward, per request (``CompletionOutput.spec_decode_metrics``)
+    and in the Prometheus counters.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
+        self._scratch = ScratchPool.for_config(vllm_config)
+        # The top pages of the KV cache are the runner's scratch for verify windows: hide them.
+        kv_cache_config = dataclasses.replace(
+            kv_cache_config, num_blocks=kv_cache_config.num_blocks - self._scratch.num_pages
+        )
+        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         self._num_masks = self._defaults.block_size - 1
         # Sizes vLLM's per-position acceptance statistics; the window is the "draft".
         self.num_spec_tokens = self._num_masks
@@ -149,8 +163,20 @@ class SDLMScheduler(BlockDiffScheduler):
     def add_request(self, request) -> None:
         super().add_request(request)
         request.spec_decode_metrics = RequestSpecDecodeMetrics.new(self._num_masks)
+        request._sdlm_self_speculative = resolve_sdlm_options(
+            request.sampling_params, self._defaults
+        ).alg == "self_speculative"
+        request._sdlm_has_draft = False
 
     def schedule(self, *args, **kwargs):
+        num_packed = 0
+        for request in self.running:
+            # Window-ready: the prompt is in the cache up to x_{L-2}.
+            if request.num_computed_tokens == request.num_tokens - 1:
+                kind = self._step_kind(request, packed_free=num_packed < self._scratch.num_requests)
+                num_packed += kind == StepKind.PACKED
+                request._sdlm_kind = kind
+                request.spec_token_ids = [self._defaults.mask_token_id] * self._num_placeholders(request, kind)
         # vLLM keeps one position free for the token sampled after the last scheduled one; the
         # window's masks *are* those positions (the runner never predicts past the context), and
         # without them a request one token short of max_model_len would have no window at all.
@@ -161,24 +187,50 @@ class SDLMScheduler(BlockDiffScheduler):
             # Accounting in update_from_output: of n committed tokens, n - 1 were "drafts".
             self.num_sampled_tokens_per_step = 1
 
+    def _step_kind(self, request, packed_free: bool) -> StepKind:
+        if not request._sdlm_self_speculative:
+            return StepKind.WINDOW
+        if not request._sdlm_has_draft:
+            return StepKind.DRAFT
+        L, c = request.num_tokens, request.num_computed_tokens
+        fits = packed_layout_fits(L, c, self._defaults, self._scratch) and (
+            packed_num_scheduled(L, c, self._defaults.block_size, self._scratch.page_size)
+            <= self.max_num_scheduled_tokens  # else it would be held back forever
+        )
+        return StepKind.PACKED if packed_free and fits else StepKind.FALLBACK
+
+    def _num_placeholders(self, request, kind: StepKind) -> int:
+        L, c = request.num_tokens, request.num_computed_tokens
+        if kind == StepKind.PACKED:
+            return packed_num_scheduled(L, c, self._defaults.block_size, self._scratch.page_size) - (L - c)
+        # Masks never reach past the context (at least one fits while the request runs).
+        return min(self._num_masks, self.max_model_len - L)
+
     def update_from_output(self, scheduler_output, model_runner_output):
         windows = scheduler_output.scheduled_spec_decode_tokens
-        num_tokens_before = {
-            req_id: self.requests[req_id].num_tokens for req_id in windows if req_id in self.requests
-        }
+        num_tokens_before = {}
+        for req_id, placeholders in list(windows.items()):
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            num_tokens_before[req_id] = request.num_tokens
+            # vLLM's acceptance statistics see every kind of step as a window of D-1 drafts.
+            windows[req_id] = placeholders[: self._num_masks]
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.is_finished():
                 continue
-            if req_id in num_tokens_before:
+            if req_id not in num_tokens_before:
+                # Prompt chunk: once the prompt is in, x_{L-1} is recomputed as the window's start.
+                request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+                continue
+            kind = request._sdlm_kind
+            if kind == StepKind.PACKED:
+                # The drafts' causal KV was written in place, up to the last committed token.
+                request.num_computed_tokens = request.num_tokens - 1
+            else:
                 # The window rewrote slot L-1: x_{L-1}'s causal KV is computed next step.
                 request.num_computed_tokens = num_tokens_before[req_id] - 1
-            elif request.num_computed_tokens < request.num_tokens - 1:
-                continue  # prompt chunk in progress: plain causal prefill
-            else:
-                request.num_computed_tokens = request.num_tokens - 1
-            # Masks never reach past the context (at least one fits while the request runs).
-            num_masks = min(self._num_masks, self.max_model_len - request.num_tokens)
-            request.spec_token_ids = [self._defaults.mask_token_id] * num_masks
+            request._sdlm_has_draft = kind in (StepKind.DRAFT, StepKind.PACKED)
         return outputs

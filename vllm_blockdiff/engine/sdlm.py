@@ -12,10 +12,29 @@ it never sees the causal copy of ``x_{L-1}`` (that KV is written next step). Win
 logits predict ``x_{L+j}``; the algorithm (``algorithms/sdlm.py``) returns the accepted prefix,
 which becomes the step's sampled tokens (1..D, never past the context).
 A step without masks is a prompt chunk: causal, no output.
+
+``self_speculative`` (SDLM's packed verification). A *draft step* is a plain window whose D
+predictions ``y`` become the draft; it commits nothing. A *packed step* then verifies the whole
+draft in one forward: verify row i is the window ``[y_i, MASK x (D-1)]`` at positions L+i..,
+seeing ``x_0..x_{L-1}, y_0..y_{i-1}`` causally. ``y_0`` is always accepted, ``y_{i+1}`` while it
+equals row i's first prediction; the accepted row's predictions are the next draft. The rows
+differ in their causal tail, and vLLM's attention rows see ``[0, seq_len)`` of a block table,
+so each row gets *private KV pages*: its block-table row keeps the request's pages below
+``b = P * floor(L / P)`` and points the next ones at scratch pages (the top of the KV cache,
+hidden from the scheduler), into which the row's tail ``x_b .. x_{L-1}, y_0 .. y_{i-1}`` is
+recomputed causally (*dup* tokens) before its window. The drafts' causal KV goes to the
+request's own slots in the same forward, so accepted drafts need no recompute. Layout of one
+packed request's scheduled tokens (positions, KV slots):
+
+    x_c .. x_{L-1}, y_0 .. y_{D-2}                   natural positions and slots, causal
+    for i in 0..D-1:  x_b .. x_{L-1}, y_0 .. y_{i-1}  positions b.., scratch region i, causal
+                      y_i, MASK x (D-1)              positions L+i.., scratch region i, window
 """
 
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,29 +44,97 @@ from vllm_blockdiff.algorithms import sdlm
 from vllm_blockdiff.engine.segments import CanvasRow, StepPlan
 from vllm_blockdiff.options import ModelDefaults, SDLMOptions, resolve_sdlm_options
 
+MAX_PACKED_REQUESTS = 16  # packed verify steps per forward; the scratch pool is sized for them
+
+
+class StepKind(enum.Enum):
+    """What a window-ready SDLM request does in a step (decided by the scheduler)."""
+
+    WINDOW = "window"  # prob_conf / entropy_conf: commit the confident prefix
+    DRAFT = "draft"  # self_speculative without a draft: the window's predictions become the draft
+    PACKED = "packed"  # self_speculative: verify the draft with D windows in scratch pages
+    FALLBACK = "fallback"  # self_speculative, no scratch this step: commit the first prediction
+
+
+@dataclass(frozen=True)
+class ScratchPool:
+    """Scratch KV pages for verify windows: ``num_requests`` packed steps per forward, D regions
+    each, a region being the pages that hold a row's recomputed tail and its window."""
+
+    num_requests: int
+    window: int  # D
+    page_size: int
+    max_model_len: int
+
+    @property
+    def pages_per_region(self) -> int:
+        return math.ceil((self.page_size - 1 + 2 * self.window - 1) / self.page_size)
+
+    @property
+    def num_pages(self) -> int:
+        return self.num_requests * self.window * self.pages_per_region
+
+    @classmethod
+    def for_config(cls, vllm_config) -> ScratchPool:
+        hf_config = vllm_config.model_config.hf_config
+        return cls(
+            num_requests=min(MAX_PACKED_REQUESTS, vllm_config.scheduler_config.max_num_seqs),
+            window=hf_config.blockdiff_block_size,
+            page_size=vllm_config.cache_config.block_size,
+            max_model_len=vllm_config.model_config.max_model_len,
+        )
+
+
+def packed_num_scheduled(L: int, c: int, D: int, P: int) -> int:
+    """Tokens a packed verify step schedules for a request with L committed, c cached tokens."""
+    tail = L - (L // P) * P
+    return (L - c) + (D - 1) + sum(tail + i + D for i in range(D))
+
+
+def packed_layout_fits(L: int, c: int, defaults: ModelDefaults, pool: ScratchPool) -> bool:
+    """Whether a packed step's placeholders and drafts stay inside the context."""
+    D, P = defaults.block_size, pool.page_size
+    base = (L // P) * P
+    return c + packed_num_scheduled(L, c, D, P) <= pool.max_model_len and (
+        base + pool.pages_per_region * P <= pool.max_model_len
+    )
+
 
 @dataclass
 class SDLMRequestState:
     options: SDLMOptions
     generator: torch.Generator
+    draft: list[int] | None = None  # self_speculative: predictions awaiting verification
 
 
 class SDLMSteps:
     """The SDLM family's part of :class:`~vllm_blockdiff.engine.runner.BlockDiffRunnerMixin`."""
 
-    def __init__(self, defaults: ModelDefaults):
+    def __init__(self, defaults: ModelDefaults, vllm_config):
         self.defaults = defaults
+        self.D = defaults.block_size
+        self.pool = ScratchPool.for_config(vllm_config)
+        self.scratch_first_page: int | None = None  # known once the KV cache exists
+
+    def kv_cache_ready(self, kv_cache_config) -> None:
+        self.scratch_first_page = kv_cache_config.num_blocks - self.pool.num_pages
 
     def new_state(self, params, generator: torch.Generator) -> SDLMRequestState:
         return SDLMRequestState(resolve_sdlm_options(params, self.defaults), generator)
 
     def place(self, token_ids: np.ndarray, start: int, placeholders: list[int], state: SDLMRequestState):
-        """The placeholders already are the mask ids."""
+        """A packed step's first D-1 slots after the committed tokens hold the drafts (causal)."""
+        if len(placeholders) > self.D - 1:
+            token_ids[start : start + self.D - 1] = state.draft[: self.D - 1]
 
     def plan(self, plan: StepPlan, req_index: int, req_id: str, state: SDLMRequestState,
-             computed: int, num_sched: int, num_masks: int, offset: int) -> None:
+             computed: int, num_sched: int, num_masks: int, offset: int, token_ids: np.ndarray) -> None:
         if not num_masks:
             plan.add(req_index, num_sched, computed + num_sched, causal=True)
+            return
+        if num_masks > self.D - 1:
+            self._plan_packed(plan, req_index, req_id, state, computed, num_sched - num_masks + computed,
+                              offset, token_ids)
             return
         num_causal = num_sched - num_masks - 1  # x_{L-1} opens the window
         if num_causal:
@@ -56,31 +143,81 @@ class SDLMSteps:
         plan.add(req_index, window, computed + num_sched, causal=self.defaults.window_causal)
         plan.canvases.append(CanvasRow(req_index, req_id, offset + num_causal, window, np.arange(window)))
 
+    def _plan_packed(self, plan: StepPlan, req_index: int, req_id: str, state: SDLMRequestState,
+                     computed: int, L: int, offset: int, token_ids: np.ndarray) -> None:
+        D, P, pool = self.D, self.pool.page_size, self.pool
+        draft = state.draft
+        num_causal = L - computed + D - 1  # uncached committed tokens + drafts y_0..y_{D-2}
+        plan.add(req_index, num_causal, L + D - 1, causal=True)
+        base = (L // P) * P
+        tail = [int(t) for t in token_ids[base:L]]
+        k = offset + num_causal
+        slot = plan.num_scratch_requests
+        plan.num_scratch_requests += 1
+        assert slot < pool.num_requests, "the scheduler packs at most pool.num_requests requests per step"
+        for i in range(D):
+            region = slot * D + i
+            pages = self.scratch_first_page + region * pool.pages_per_region + np.arange(pool.pages_per_region)
+            first_page = base // P
+            dup = tail + draft[:i]
+            window = [draft[i]] + [self.defaults.mask_token_id] * (D - 1)
+            positions = np.arange(base, L + i + D)
+            slots = pages[(positions - base) // P] * P + (positions - base) % P
+            plan.override_tokens(np.arange(k, k + len(positions)), positions, np.array(dup + window), slots)
+            if dup:
+                plan.add(req_index, len(dup), L + i, causal=True, pages=(first_page, pages))
+            plan.add(req_index, D, L + i + D, causal=self.defaults.window_causal, pages=(first_page, pages))
+            plan.canvases.append(CanvasRow(req_index, req_id, k + len(dup), D, np.arange(D), verify_row=i))
+            k += len(positions)
+
     def sample(self, logits: torch.Tensor, plan: StepPlan, states: dict, out: torch.Tensor,
                num_tokens: np.ndarray) -> None:
-        """Accepted prefixes of every window, written to ``out`` rows."""
-        requests = []
+        """Committed tokens of every window-ready request, written to ``out`` rows."""
+        grouped: dict[str, list[tuple[int, CanvasRow]]] = {}
+        start = 0
         for row in plan.canvases:
-            state = states[row.req_id]
-            opts = state.options
-            requests.append(
-                sdlm.WindowRequest(
-                    row.length,
-                    threshold=opts.threshold,
-                    temperature=opts.temperature,
-                    top_p=opts.top_p,
-                    top_k=opts.top_k,
-                    entropy_conf=opts.entropy_conf,
-                    # Every token self-speculative commits is the first prediction of the window
-                    # after its prefix (drafts are only accepted when they equal it), so its output
-                    # is first-token-only decoding. Its speed comes from verifying D drafts in one
-                    # packed pass, which needs per-row scratch KV (docs/design.md); here each forward
-                    # commits one token: the same output, one token per forward.
-                    first_only=opts.alg == "self_speculative",
-                    generator=state.generator,
-                )
-            )
-        for row, tokens in zip(plan.canvases, sdlm.commit_windows(logits, requests)):
+            grouped.setdefault(row.req_id, []).append((start, row))
+            start += row.length
+        committed: dict[str, list[int]] = {}
+        windows = []  # (req_id, logits start, row) of the confidence-decoded requests
+        for req_id, rows in grouped.items():
+            if states[req_id].options.alg == "self_speculative":
+                committed[req_id] = self._self_speculative(logits, rows, states[req_id])
+            else:
+                windows.append((req_id, *rows[0]))
+        if windows:
+            window_logits = logits
+            if len(windows) < len(grouped):  # self-speculative rows sit in between
+                index = torch.cat([torch.arange(s, s + row.length) for _, s, row in windows])
+                window_logits = logits.index_select(0, index.to(logits.device))
+            requests = [self._window_request(row.length, states[req_id]) for req_id, _, row in windows]
+            for (req_id, _, _), tokens in zip(windows, sdlm.commit_windows(window_logits, requests)):
+                committed[req_id] = tokens
+        for req_id, rows in grouped.items():
+            req_index = rows[0][1].req_index
             # Never past the context: vLLM's runner refuses tokens beyond max_model_len.
-            tokens = tokens[: self.defaults.max_model_len - int(num_tokens[row.req_index])]
-            out[row.req_index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+            tokens = committed[req_id][: self.defaults.max_model_len - int(num_tokens[req_index])]
+            if tokens:
+                out[req_index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+
+    def _window_request(self, num_rows: int, state: SDLMRequestState) -> sdlm.WindowRequest:
+        opts = state.options
+        return sdlm.WindowRequest(num_rows, threshold=opts.threshold, temperature=opts.temperature,
+                                  top_p=opts.top_p, top_k=opts.top_k, entropy_conf=opts.entropy_conf,
+                                  generator=state.generator)
+
+    def _self_speculative(self, logits: torch.Tensor, rows, state: SDLMRequestState) -> list[int]:
+        """Draft, verify, or fall back; returns the committed tokens and updates the draft."""
+        predictions = [
+            sdlm.window_predictions(logits[start : start + row.length], self._window_request(row.length, state))
+            for start, row in rows
+        ]
+        if rows[0][1].verify_row >= 0:  # packed: one window per draft token
+            n = sdlm.verified_length(state.draft, [p[0] for p in predictions])
+            committed, state.draft = state.draft[:n], predictions[n - 1]
+            return committed
+        if state.draft is None:  # draft step: nothing commits yet
+            state.draft = predictions[0]
+            return []
+        state.draft = None  # fallback: first-token decoding, a new draft next time
+        return predictions[0][:1]

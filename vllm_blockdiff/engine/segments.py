@@ -36,6 +36,7 @@ class CanvasRow:
     # Positions (within the canvas) whose logits are computed: BD3LM the still-masked ones (only
     # they can commit), SDLM every window position.
     logit_positions: np.ndarray
+    verify_row: int = -1  # SDLM self-speculative: which verify window of a packed step
 
 
 @dataclass
@@ -47,12 +48,23 @@ class StepPlan:
     owners: list[int] = field(default_factory=list)
     causal: list[int] = field(default_factory=list)
     canvases: list[CanvasRow] = field(default_factory=list)
+    # Segments whose block-table row points some pages elsewhere: (segment, first page, page ids).
+    page_overrides: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+    # Tokens whose position, id and KV slot are not the scheduler's (flat index, position, id, slot).
+    token_overrides: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    num_scratch_requests: int = 0  # SDLM packed verify steps planned so far (scratch regions in use)
 
-    def add(self, owner: int, num_query: int, seq_len: int, causal: bool = False) -> None:
+    def add(self, owner: int, num_query: int, seq_len: int, causal: bool = False,
+            pages: tuple[int, np.ndarray] | None = None) -> None:
+        if pages is not None:
+            self.page_overrides.append((self.num_segments, pages[0], pages[1]))
         self.query_start.append(self.query_start[-1] + num_query)
         self.seq_lens.append(seq_len)
         self.owners.append(owner)
         self.causal.append(int(causal))
+
+    def override_tokens(self, flat_index, positions, token_ids, slots) -> None:
+        self.token_overrides.append((flat_index, positions, token_ids, slots))
 
     @property
     def num_segments(self) -> int:
@@ -86,6 +98,16 @@ def segmented_metadata(cm, plan: StepPlan):
         causal: bool | torch.Tensor = torch.tensor(plan.causal, dtype=torch.int32, device=device)
     else:
         causal = False
+    block_table = cm.block_table_tensor.index_select(0, owners)
+    if plan.page_overrides:
+        segs, cols, ids = [], [], []
+        for segment, first_page, pages in plan.page_overrides:
+            segs.append(np.full(len(pages), segment))
+            cols.append(first_page + np.arange(len(pages)))
+            ids.append(pages)
+        index = (torch.from_numpy(np.concatenate(segs)), torch.from_numpy(np.concatenate(cols)))
+        block_table[tuple(t.to(block_table.device) for t in index)] = torch.from_numpy(
+            np.concatenate(ids)).to(block_table.device, block_table.dtype)
     return cm.replace(
         query_start_loc=query_start_cpu.to(device),
         query_start_loc_cpu=query_start_cpu,
@@ -94,7 +116,7 @@ def segmented_metadata(cm, plan: StepPlan):
         num_reqs=plan.num_segments,
         max_query_len=int(query_lens.max()),
         max_seq_len=int(max(plan.seq_lens)),
-        block_table_tensor=cm.block_table_tensor.index_select(0, owners),
+        block_table_tensor=block_table,
         causal=causal,
         is_prefilling=torch.zeros(plan.num_segments, dtype=torch.bool),
         req_idx=np.asarray(plan.owners),
