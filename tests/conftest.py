@@ -117,6 +117,23 @@ def sdlm8_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdlm4_causal_window_ckpt(tmp_path_factory) -> Path:
+    """SDLM D=4 whose config asks for causal attention inside the window, in the older uploads'
+    spelling ``casual_attn``."""
+    import json
+
+    from vllm_blockdiff.testing.tiny_checkpoints import build_sdlm_checkpoint
+
+    ckpt = build_sdlm_checkpoint(tmp_path_factory.mktemp("sdlm4_causal"), D=4, seed=6)
+    focus_head(ckpt, 8, 7.0, seed=6)
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["causal_attn"]
+    config["casual_attn"] = True
+    (ckpt / "config.json").write_text(json.dumps(config, indent=2))
+    return ckpt
+
+
+@pytest.fixture(scope="session")
 def sdlm4_tied_ckpt(tmp_path_factory) -> Path:
     """SDLM D=4 with tied embeddings (no stored lm_head), like SDLM-3B's Qwen2.5-3B base."""
     from vllm_blockdiff.testing.tiny_checkpoints import build_sdlm_checkpoint

@@ -31,7 +31,7 @@ class SDLMCase:
         kw.update(overrides)
         return SamplingParams(**kw)
 
-    def reference(self, model, prompt: list[int], D: int) -> tuple[list[int], list[int]]:
+    def reference(self, model, prompt: list[int], D: int, causal_window: bool = False) -> tuple[list[int], list[int]]:
         return generate_sdlm(
             model,
             prompt,
@@ -43,6 +43,7 @@ class SDLMCase:
             top_p=self.top_p,
             top_k=self.top_k,
             seed=self.seed,
+            causal_window=causal_window,
         )
 
 

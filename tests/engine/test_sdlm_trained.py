@@ -86,3 +86,13 @@ def test_prometheus_counters_aggregate_the_windows(llm, prompts):
     assert accepted - accepted_before == committed - windows > 0
     # vLLM's mean acceptance length, 1 + accepted / drafts, is the tokens committed per forward.
     assert 1 + (accepted - accepted_before) / (drafts - drafts_before) == pytest.approx(committed / windows)
+
+
+def test_stop_string_inside_an_accepted_run(llm):
+    """Several letters commit per forward; the text still ends right before the stop string."""
+    params = SDLMCase(30, threshold=0.5).params(stop=[" p"])
+    [out] = llm.generate([" a b c d e f g h"], params, use_tqdm=False)
+    completion = out.outputs[0]
+    assert completion.text == " i j k l m n o" and completion.finish_reason == "stop"
+    assert completion.stop_reason == " p"
+    assert max(j for j, n in enumerate(completion.spec_decode_metrics.histogram) if n) > 0  # runs of > 1

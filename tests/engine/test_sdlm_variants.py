@@ -79,6 +79,30 @@ class TestSelfSpeculativeWindowOf8:
             assert completion.spec_decode_metrics.histogram == accept_histogram(verify_lengths, self.D)
 
 
+class TestCausalWindow:
+    """``casual_attn: true`` (older spelling): the window attends causally within itself."""
+
+    D = 4
+
+    @pytest.fixture(scope="class")
+    def llm(self, sdlm4_causal_window_ckpt):
+        yield from inproc_engine(sdlm4_causal_window_ckpt)
+
+    @pytest.fixture(scope="class")
+    def ref_model(self, sdlm4_causal_window_ckpt, reference_threads):
+        return load_reference_model(sdlm4_causal_window_ckpt)
+
+    @pytest.mark.parametrize("alg", ["prob_conf", "self_speculative"])
+    def test_matches_the_causal_window_reference(self, llm, ref_model, alg):
+        case = SDLMCase(max_tokens=20, alg=alg, threshold=0.3)
+        prompts = [random_prompt(random.Random(alg), n) for n in (4, 37)]
+        for prompt, completion in zip(prompts, run(llm, prompts, case.params())):
+            expected, _ = case.reference(ref_model, prompt, self.D, causal_window=True)
+            assert_matches_reference(completion, expected, case.max_tokens)
+        bidirectional, _ = case.reference(ref_model, prompts[1], self.D)
+        assert bidirectional != expected  # the option matters for this checkpoint
+
+
 class TestTiedEmbeddings:
     D = 4
 

@@ -53,26 +53,30 @@ ALGORITHMS = ("prob_conf", "entropy_conf", "self_speculative")
 IMPLS = ("full", "cached")
 
 
-def window_attention(num_committed: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(allowed ``[L+D, L+D]`` bool, positions ``[L+D]``) for committed tokens + the window."""
+def window_attention(num_committed: int, D: int, causal_window: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(allowed ``[L+D, L+D]`` bool, positions ``[L+D]``) for committed tokens + the window.
+
+    ``causal_window``: SDLM's ``causal_attn=True`` (the window attends causally within itself)."""
     L = num_committed
     idx = torch.arange(L + D)
     q, k = idx[:, None], idx[None, :]
     causal_rows = (q < L) & (k <= q)
-    window_rows = (q >= L) & ((k < L - 1) | (k >= L))  # skip the causal copy of x_{L-1}
+    in_window = (k >= L) & ((k <= q) if causal_window else True)
+    window_rows = (q >= L) & ((k < L - 1) | in_window)  # skip the causal copy of x_{L-1}
     positions = torch.cat([torch.arange(L), torch.arange(L - 1, L + D - 1)])
     return causal_rows | window_rows, positions
 
 
 @torch.no_grad()
-def window_logits(model, committed: Sequence[int], *, D: int, mask_id: int = MASK_ID) -> torch.Tensor:
+def window_logits(model, committed: Sequence[int], *, D: int, mask_id: int = MASK_ID,
+                  causal_window: bool = False) -> torch.Tensor:
     """``[D, V]`` float32 logits of the window after ``committed`` (row j predicts the token at L+j)."""
     L = len(committed)
     if L == 0:
         raise ValueError("SDLM decoding needs at least one committed token")
     device = model.device
     ids = torch.tensor([list(committed) + [committed[-1]] + [mask_id] * (D - 1)], device=device)
-    allowed, positions = window_attention(L, D)
+    allowed, positions = window_attention(L, D, causal_window)
     dtype = model.get_input_embeddings().weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     out = model(
@@ -92,8 +96,8 @@ def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
 class CachedWindows:
     """``window_logits`` on top of a KV cache of the causal prefix (SDLM's cached loop)."""
 
-    def __init__(self, model, *, D: int, mask_id: int = MASK_ID):
-        self.model, self.D, self.mask_id = model, D, mask_id
+    def __init__(self, model, *, D: int, mask_id: int = MASK_ID, causal_window: bool = False):
+        self.model, self.D, self.mask_id, self.causal_window = model, D, mask_id, causal_window
         self.cache = DynamicCache(config=model.config)
         self.cached: list[int] = []  # tokens whose causal KV is in the cache
 
@@ -114,6 +118,8 @@ class CachedWindows:
         causal_rows = (q < n) & (k <= q)
         # The window sees everything fed: cache and new tokens hold x_0..x_{L-2} only, never x_{L-1}.
         window_rows = torch.broadcast_to(q >= n, causal_rows.shape)
+        if self.causal_window:
+            window_rows = window_rows & ((k < n) | (k <= q))
         positions = torch.cat([torch.arange(common, L - 1), torch.arange(L - 1, L - 1 + D)])
         device = self.model.device
         dtype = self.model.get_input_embeddings().weight.dtype
@@ -210,6 +216,7 @@ def generate_sdlm(
     eos_ids: Sequence[int] = EOS_IDS,
     seed: int | None = None,
     impl: str = "full",
+    causal_window: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Decode one prompt with SDLM; returns (generated tokens without eos, accept length per step).
 
@@ -228,10 +235,10 @@ def generate_sdlm(
         generator.manual_seed(seed)
 
     if impl == "cached":
-        logits_of = CachedWindows(model, D=D, mask_id=mask_id)
+        logits_of = CachedWindows(model, D=D, mask_id=mask_id, causal_window=causal_window)
     else:
         def logits_of(committed):
-            return window_logits(model, committed, D=D, mask_id=mask_id)
+            return window_logits(model, committed, D=D, mask_id=mask_id, causal_window=causal_window)
 
     def predict(committed: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return sample_window(

@@ -319,6 +319,16 @@ def test_sdlm_cached_equals_full(focused_sdlm_model, kw):
     assert len(set(full[1])) > 1 or kw["threshold"] == 0.0  # accept lengths vary: the cache is exercised
 
 
+def test_sdlm_causal_window_option(focused_sdlm_model):
+    allowed, _ = window_attention(2, 3, causal_window=True)
+    assert allowed.int().tolist()[2:] == [[1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 0, 1, 1, 1]]
+    prompt = _prompt(9, seed=2)
+    kw = dict(max_new_tokens=12, D=4, threshold=0.3, causal_window=True)
+    cached = generate_sdlm(focused_sdlm_model, prompt, impl="cached", **kw)
+    assert cached == generate_sdlm(focused_sdlm_model, prompt, impl="full", **kw)
+    assert cached != generate_sdlm(focused_sdlm_model, prompt, impl="full", **{**kw, "causal_window": False})
+
+
 def test_sdlm_self_speculative_equals_one_token_per_step(focused_sdlm_model):
     for seed in (1, 2):
         prompt = _prompt(12, seed=seed)

@@ -233,4 +233,11 @@ class SDLMScheduler(BlockDiffScheduler):
                 # The window rewrote slot L-1: x_{L-1}'s causal KV is computed next step.
                 request.num_computed_tokens = num_tokens_before[req_id] - 1
             request._sdlm_has_draft = kind in (StepKind.DRAFT, StepKind.PACKED)
+        # vLLM sends the per-request acceptance statistics only with the engine's finish; a stop
+        # string ends a request in the front end instead, so keep them on every output.
+        for engine_outputs in outputs.values():
+            for output in engine_outputs.outputs:
+                request = self.requests.get(output.request_id)
+                if output.spec_decode_metrics is None and request is not None:
+                    output.spec_decode_metrics = request.spec_decode_metrics
         return outputs
