@@ -1,0 +1,284 @@
+"""``vllm serve`` with the plugin: real server processes, the OpenAI client and raw HTTP.
+
+One server per family (the plugin loads by entry point; no plugin flags): BD3LM on the tiny random
+checkpoint, SDLM on the tiny model trained on letter patterns (its text is readable).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import random_prompt
+from tests.reference import load_reference_model
+from tests.reference.bd3lm_reference import generate_bd3lm
+
+MASK_TEXTS = ("<|mask|>", "<text_mask>")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def vllm_serve(model: Path, log: Path):
+    """``vllm serve MODEL`` on a free port; yields the base URL, stops the server afterwards."""
+    port = _free_port()
+    cli = Path(sys.executable).with_name("vllm")
+    cmd = [str(cli) if cli.exists() else "vllm", "serve", str(model), "--port", str(port),
+           "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20),
+           "--dtype", "float32", "--enforce-eager", "--seed", "0"]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise TimeoutError(f"vllm serve did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def kv_cache_usage(base: str) -> float:
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    return float(re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", text, re.M).group(1))
+
+
+def completion(base: str, model: str, **body) -> requests.Response:
+    return requests.post(f"{base}/v1/completions", json={"model": model, **body}, timeout=300)
+
+
+# --------------------------------------------------------------------------------------------------------
+# BD3LM
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bd3lm_server(bd3lm_ckpt, tmp_path_factory):
+    with vllm_serve(bd3lm_ckpt, tmp_path_factory.mktemp("logs") / "bd3lm.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def bd3lm_client(bd3lm_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{bd3lm_server}/v1", api_key="unused", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bd3lm_ref(bd3lm_ckpt, reference_threads):
+    return load_reference_model(bd3lm_ckpt)
+
+
+BD3LM_XARGS = {"steps": 16, "block_size": 16, "remasking": "low_confidence"}
+
+
+def test_bd3lm_completion_is_the_cards_output(bd3lm_client, bd3lm_ckpt, bd3lm_ref):
+    prompt = random_prompt(random.Random(1), 21)
+    resp = bd3lm_client.completions.create(
+        model=str(bd3lm_ckpt), prompt=prompt, max_tokens=32, temperature=0.0,
+        extra_body={"vllm_xargs": BD3LM_XARGS, "return_token_ids": True},
+    )
+    choice = resp.choices[0]
+    expected = generate_bd3lm(bd3lm_ref, prompt, max_new_tokens=32, steps=16, block_size=16, eos_ids=(151645,))
+    stop = next((i for i, t in enumerate(expected) if t in (151643, 151645)), None)
+    expected = expected if stop is None else expected[: stop + 1]
+    assert list(choice.token_ids) == expected
+    assert resp.usage.prompt_tokens == 21 and resp.usage.completion_tokens == len(expected)
+
+
+def test_bd3lm_chat_uses_the_tokenizers_template(bd3lm_client, bd3lm_ckpt):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "You are a helpful AI assistant."},
+                {"role": "user", "content": "Write a BFS in Python."}]
+    resp = bd3lm_client.chat.completions.create(
+        model=str(bd3lm_ckpt), messages=messages, max_tokens=16, temperature=0.0,
+        extra_body={"vllm_xargs": BD3LM_XARGS},
+    )
+    tokenizer = AutoTokenizer.from_pretrained(bd3lm_ckpt)
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert resp.usage.prompt_tokens == len(templated)
+    assert resp.choices[0].message.role == "assistant"
+    assert not any(m in resp.choices[0].message.content for m in MASK_TEXTS)
+
+
+def test_bd3lm_streams_whole_blocks_that_add_up_to_the_text(bd3lm_client, bd3lm_ckpt):
+    prompt = random_prompt(random.Random(2), 16)  # aligned: every block is 16 new tokens
+    kw = dict(model=str(bd3lm_ckpt), prompt=prompt, max_tokens=48, temperature=0.0,
+              extra_body={"vllm_xargs": BD3LM_XARGS, "ignore_eos": True})
+    full = bd3lm_client.completions.create(**kw).choices[0].text
+    deltas = [c.choices[0].text for c in bd3lm_client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(deltas) == full
+    assert 2 <= len([d for d in deltas if d]) <= 3  # one delta per committed block of 16 tokens
+    assert not any(m in d for d in deltas for m in MASK_TEXTS)
+
+
+def test_bd3lm_parallel_clients_get_their_single_request_outputs(bd3lm_client, bd3lm_ckpt):
+    rng = random.Random(3)
+    prompts = [random_prompt(rng, rng.randint(5, 40)) for _ in range(8)]
+
+    def ask(prompt):
+        return bd3lm_client.completions.create(
+            model=str(bd3lm_ckpt), prompt=prompt, max_tokens=24, temperature=0.0,
+            extra_body={"vllm_xargs": BD3LM_XARGS, "return_token_ids": True},
+        ).choices[0].token_ids
+
+    alone = [ask(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == alone
+
+
+def test_bd3lm_n_and_seed(bd3lm_client, bd3lm_ckpt):
+    kw = dict(model=str(bd3lm_ckpt), prompt="def bfs(graph):", max_tokens=16, temperature=1.0, seed=5, n=2,
+              extra_body={"vllm_xargs": BD3LM_XARGS, "return_token_ids": True})
+    a = bd3lm_client.completions.create(**kw)
+    b = bd3lm_client.completions.create(**kw)
+    assert len(a.choices) == 2
+    assert [c.token_ids for c in a.choices] == [c.token_ids for c in b.choices]
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"vllm_xargs": {"steps": 0}}, "steps"),
+        ({"vllm_xargs": {"steps": "many"}}, "steps"),
+        ({"vllm_xargs": {"remasking": "entropy"}}, "remasking"),
+        ({"vllm_xargs": {"block_size": 48}}, "block_size"),  # must divide the 128-token KV page
+        ({"vllm_xargs": {"alg": "prob_conf"}}, "alg"),  # an SDLM option
+        ({"top_p": 0.5}, "top_p"),
+        ({"logprobs": 2}, "logprobs"),
+    ],
+)
+def test_bd3lm_bad_options_answer_400_naming_the_parameter(bd3lm_server, bd3lm_ckpt, body, param):
+    resp = completion(bd3lm_server, str(bd3lm_ckpt), prompt="hi", max_tokens=8, **body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and param in error["message"]
+
+
+def test_bd3lm_prompt_longer_than_the_context_answers_400(bd3lm_server, bd3lm_ckpt):
+    resp = completion(bd3lm_server, str(bd3lm_ckpt), prompt=list(range(100, 1200)), max_tokens=8)
+    assert resp.status_code == 400, resp.text
+
+
+def test_bd3lm_server_keeps_serving_and_frees_all_kv(bd3lm_server, bd3lm_ckpt):
+    resp = completion(bd3lm_server, str(bd3lm_ckpt), prompt="hello", max_tokens=8, vllm_xargs=BD3LM_XARGS)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert kv_cache_usage(bd3lm_server) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# SDLM
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def letters_ckpt(tmp_path_factory):
+    from vllm_blockdiff.testing.trained_sdlm import build_trained_sdlm_checkpoint
+
+    return build_trained_sdlm_checkpoint(tmp_path_factory.mktemp("sdlm_letters_serve"), D=4)
+
+
+@pytest.fixture(scope="module")
+def sdlm_server(letters_ckpt, tmp_path_factory, bd3lm_server):
+    # Depends on bd3lm_server only to order the fixtures: one server at a time on two cores.
+    with vllm_serve(letters_ckpt, tmp_path_factory.mktemp("logs") / "sdlm.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def sdlm_client(sdlm_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{sdlm_server}/v1", api_key="unused", timeout=300)
+
+
+def test_sdlm_completion_reports_tokens_per_forward(sdlm_server, letters_ckpt):
+    resp = completion(sdlm_server, str(letters_ckpt), prompt=" a c e g i k", max_tokens=24, temperature=0,
+                      vllm_xargs={"alg": "prob_conf", "threshold": 0.9})
+    body = resp.json()
+    assert resp.status_code == 200
+    assert body["choices"][0]["text"].startswith(" m o q s u")
+    spec = body["metrics"]["speculative_decoding"]
+    assert spec["mean_acceptance_length"] > 1.5
+    histogram = spec["acceptance_histogram"]
+    assert sum((j + 1) * n for j, n in enumerate(histogram)) >= body["usage"]["completion_tokens"]
+
+
+def test_sdlm_streams_accepted_prefixes_that_add_up_to_the_text(sdlm_client, letters_ckpt):
+    kw = dict(model=str(letters_ckpt), prompt=" b d f h j", max_tokens=32, temperature=0.0,
+              extra_body={"vllm_xargs": {"threshold": 0.9}})
+    full = sdlm_client.completions.create(**kw)
+    deltas = [c.choices[0].text for c in sdlm_client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(deltas) == full.choices[0].text
+    windows = sum(full.metrics["speculative_decoding"]["acceptance_histogram"])  # vLLM's extra response field
+    assert len([d for d in deltas if d]) == windows < 32  # one delta per forward, several tokens each
+
+
+def test_sdlm_chat_and_stop_string(sdlm_client, letters_ckpt):
+    resp = sdlm_client.completions.create(model=str(letters_ckpt), prompt=" a b c d e f g h", max_tokens=30,
+                                          temperature=0.0, stop=[" p"], extra_body={"vllm_xargs": {"threshold": 0.5}})
+    assert resp.choices[0].text == " i j k l m n o" and resp.choices[0].finish_reason == "stop"
+    chat = sdlm_client.chat.completions.create(
+        model=str(letters_ckpt), messages=[{"role": "user", "content": "count"}], max_tokens=8, temperature=0.0,
+        extra_body={"vllm_xargs": {"alg": "entropy_conf", "threshold": 0.95}},
+    )
+    assert chat.usage.completion_tokens == 8
+
+
+@pytest.mark.parametrize(
+    "xargs,param",
+    [
+        ({"alg": "bogus"}, "alg"),
+        ({"threshold": -1}, "threshold"),
+        ({"threshold": "high"}, "threshold"),
+        ({"steps": 4}, "steps"),  # a BD3LM option
+    ],
+)
+def test_sdlm_bad_options_answer_400_and_the_server_keeps_serving(sdlm_server, letters_ckpt, xargs, param):
+    resp = completion(sdlm_server, str(letters_ckpt), prompt=" a b", max_tokens=4, vllm_xargs=xargs)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+    ok = completion(sdlm_server, str(letters_ckpt), prompt=" a b", max_tokens=4)
+    assert ok.status_code == 200
+
+
+def test_sdlm_prometheus_counts_windows_and_kv_is_freed(sdlm_server, letters_ckpt):
+    def counters():
+        text = requests.get(f"{sdlm_server}/metrics", timeout=10).text
+        return [float(re.search(rf"^vllm:spec_decode_num_{name}_total\{{[^}}]*\}} (\S+)$", text, re.M).group(1))
+                for name in ("drafts", "accepted_tokens")]
+
+    before = counters()
+    body = completion(sdlm_server, str(letters_ckpt), prompt=" c f i l", max_tokens=20, temperature=0,
+                      vllm_xargs={"alg": "self_speculative"}).json()
+    after = counters()
+    histogram = body["metrics"]["speculative_decoding"]["acceptance_histogram"]
+    assert after[0] - before[0] == sum(histogram)
+    assert after[1] - before[1] == sum(j * n for j, n in enumerate(histogram))
+    assert kv_cache_usage(sdlm_server) == 0.0
