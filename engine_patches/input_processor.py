@@ -1,15 +1,17 @@
 """Validate diffusion options when a request is admitted.
 
-Target: ``vllm.v1.engine.input_processor.InputProcessor._validate_params``.
+Target: ``vllm.v1.engine.input_processor.InputProcessor._validate_params`` (the options) and
+``InputProcessor.process_inputs`` (checks that need the tokenized prompt's length).
 Why: a bad ``extra_args`` value (``steps=0``, unknown ``remasking``...) must be rejected in the
 front end with a ``VLLMValidationError`` naming the parameter (HTTP 400 in ``vllm serve``,
 ``ValueError`` from ``LLM.generate``), never reach the engine loop where it would kill it.
 vLLM has no hook for per-model sampling-parameter validation outside its built-in diffusion
 config (Model Runner V2 only).
-How: keep the original, call it, then run ``vllm_blockdiff.options.validate_request`` when
-the served architecture is one of ours.
+How: keep the originals, call them, then run ``vllm_blockdiff.options.validate_request`` when
+the served architecture is one of ours (after ``process_inputs``, with the prompt length).
 Upstream PR: none; removable if vLLM grows a per-model ``validate_sampling_params`` hook.
-Drift guard: raises at apply time if the method or its signature is gone;
+Drift guard: raises at apply time if a method, ``_validate_params``'s signature or the
+``prompt_token_ids``/``sampling_params`` fields of ``EngineCoreRequest`` are gone;
 ``tests/engine_patches/test_input_processor.py`` checks the rejection end to end.
 """
 
@@ -35,28 +37,46 @@ def _defaults(processor):
     return cached
 
 
+def _validate(processor, params, prompt_len: int | None = None) -> None:
+    defaults = _defaults(processor)
+    if defaults and hasattr(params, "extra_args"):
+        from vllm_blockdiff.options import OptionError, validate_request
+
+        try:
+            validate_request(params, defaults, prompt_len)
+        except OptionError as err:
+            raise VLLMValidationError(str(err), parameter=err.parameter) from None
+
+
 def apply() -> None:
     cls = upstream.InputProcessor
     original = cls.__dict__.get("_validate_params")
+    original_process = cls.__dict__.get("process_inputs")
     if getattr(original, "_blockdiff_patched", False):
         return
-    if original is None or list(inspect.signature(original).parameters) != _EXPECTED_PARAMS:
+    fields = getattr(upstream.EngineCoreRequest, "__struct_fields__", ())
+    if (
+        original is None
+        or original_process is None
+        or list(inspect.signature(original).parameters) != _EXPECTED_PARAMS
+        or not {"prompt_token_ids", "sampling_params"} <= set(fields)
+    ):
         raise RuntimeError(
-            "engine_patches.input_processor: InputProcessor._validate_params changed upstream; "
-            "update the patch"
+            "engine_patches.input_processor: InputProcessor._validate_params / process_inputs "
+            "changed upstream; update the patch"
         )
 
     def _validate_params(self, params, supported_tasks):
         result = original(self, params, supported_tasks)
-        defaults = _defaults(self)
-        if defaults and hasattr(params, "extra_args"):
-            from vllm_blockdiff.options import OptionError, validate_request
-
-            try:
-                validate_request(params, defaults)
-            except OptionError as err:
-                raise VLLMValidationError(str(err), parameter=err.parameter) from None
+        _validate(self, params)
         return result
+
+    def process_inputs(self, *args, **kwargs):
+        request = original_process(self, *args, **kwargs)
+        if request.sampling_params is not None and request.prompt_token_ids is not None:
+            _validate(self, request.sampling_params, len(request.prompt_token_ids))
+        return request
 
     _validate_params._blockdiff_patched = True
     cls._validate_params = _validate_params
+    cls.process_inputs = process_inputs

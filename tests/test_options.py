@@ -45,11 +45,20 @@ def test_bad_values_name_the_parameter(kwargs, param):
     assert param in str(err.value)
 
 
-def test_prompt_plus_max_tokens_must_fit_the_context():
+def test_guidance_needs_room_in_the_context():
+    guided = dict(extra_args={"cfg_scale": 1.0})
     with pytest.raises(OptionError) as err:
-        validate_request(SamplingParams(max_tokens=1000), DEFAULTS, prompt_len=100)
+        validate_request(SamplingParams(max_tokens=800, **guided), DEFAULTS, prompt_len=100)  # + 128 + 32 > 1024
     assert err.value.parameter == "max_tokens"
-    validate_request(SamplingParams(max_tokens=900), DEFAULTS, prompt_len=100)
+    validate_request(SamplingParams(max_tokens=700, **guided), DEFAULTS, prompt_len=100)
+    validate_request(SamplingParams(max_tokens=1000), DEFAULTS, prompt_len=100)  # unguided: length-capped
+
+
+def test_guidance_needs_the_served_block_size():
+    with pytest.raises(OptionError) as err:
+        resolve_bd3lm_options(SamplingParams(max_tokens=8, extra_args={"cfg_scale": 1.0, "block_size": 16}), DEFAULTS)
+    assert err.value.parameter == "cfg_scale"
+    assert resolve_bd3lm_options(SamplingParams(max_tokens=8, extra_args={"cfg_scale": 0.5}), DEFAULTS).cfg_scale == 0.5
 
 
 def test_block_must_fit_one_step_with_its_clean_pass():

@@ -154,7 +154,12 @@ def resolve_bd3lm_options(params: Any, defaults: ModelDefaults) -> BD3LMOptions:
         f"cfg_scale must be a number >= 0, got {cfg_scale!r}",
         "cfg_scale",
     )
-    _check(cfg_scale == 0, "cfg_scale > 0 is not supported by this engine yet", "cfg_scale")
+    # The shared all-mask prefix of guidance is computed for the served block size only.
+    _check(
+        cfg_scale == 0 or block_size == defaults.block_size,
+        f"cfg_scale > 0 needs the served block_size {defaults.block_size} (got {block_size})",
+        "cfg_scale",
+    )
 
     temperature = _check_sampling(params, allow_top_p_top_k=False)
     return BD3LMOptions(
@@ -201,12 +206,16 @@ def resolve_options(params: Any, defaults: ModelDefaults) -> BD3LMOptions | SDLM
 
 
 def validate_request(params: Any, defaults: ModelDefaults, prompt_len: int | None = None) -> None:
-    """Admission check for one request; raises ``OptionError``."""
-    resolve_options(params, defaults)
-    if defaults.family == "bd3lm" and prompt_len is not None:
+    """Admission check for one request; raises ``OptionError``. ``prompt_len`` adds the checks
+    that need the tokenized prompt."""
+    opts = resolve_options(params, defaults)
+    if isinstance(opts, BD3LMOptions) and opts.cfg_scale and prompt_len is not None:
+        # A guided step schedules the canvas twice plus up to a page of all-mask tokens (the
+        # unconditional row, engine/bd3lm.py) and must fit the context.
+        room = defaults.kv_page_size + opts.block_size
         _check(
-            prompt_len + params.max_tokens <= defaults.max_model_len,
-            f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-            f"model's context length {defaults.max_model_len}",
+            prompt_len + opts.max_tokens + room <= defaults.max_model_len,
+            f"with cfg_scale > 0, prompt ({prompt_len} tokens) + max_tokens ({opts.max_tokens}) must leave "
+            f"{room} tokens of the model's context length {defaults.max_model_len} free",
             "max_tokens",
         )

@@ -22,9 +22,12 @@ class Case:
     remasking: str = "low_confidence"
     temperature: float = 0.0
     seed: int | None = None
+    cfg_scale: float = 0.0
 
     def params(self) -> SamplingParams:
         extra = {"remasking": self.remasking}
+        if self.cfg_scale:
+            extra["cfg_scale"] = self.cfg_scale
         if self.steps is not None:
             extra["steps"] = self.steps
         if self.block_size is not None:
@@ -43,6 +46,7 @@ class Case:
             temperature=self.temperature,
             remasking=self.remasking,
             seed=self.seed,
+            cfg_scale=self.cfg_scale,
             eos_ids=(EOS_ID,),
         )
         return truncate_at_stop(out)
@@ -58,6 +62,9 @@ CASES = {
     "temperature_seeded": Case(50, 40, steps=20, temperature=0.8, seed=3),
     "one_token_prompt_small_block": Case(1, 12, steps=6, block_size=8),
     "prompt_one_short_of_block": Case(31, 20),
+    "cfg_unaligned": Case(13, 40, steps=20, cfg_scale=1.0),
+    "cfg_prefix_spans_pages": Case(300, 40, steps=20, cfg_scale=2.0),  # shared all-mask prefix: 2 pages
+    "cfg_sampled_random_remasking": Case(45, 33, cfg_scale=0.5, temperature=0.9, remasking="random", seed=4),
 }
 
 
@@ -91,6 +98,22 @@ def test_concurrent_mixed_requests_each_match_reference(inproc_llm, ref_model):
     )
     for case, prompt, out in zip(cases, prompts, outs):
         assert list(out.outputs[0].token_ids) == case.reference(ref_model, prompt), case
+
+
+def test_more_guided_requests_than_scratch_regions_take_turns(inproc_llm, ref_model):
+    """Each guided step needs a scratch region for its unconditional row; the extra requests wait."""
+    from vllm_blockdiff.engine.scratch import MAX_SCRATCH_REQUESTS
+
+    rng = random.Random(31)
+    case = Case(0, 24, steps=8, cfg_scale=1.0)
+    prompts = [random_prompt(rng, rng.randint(1, 60)) for _ in range(MAX_SCRATCH_REQUESTS + 3)]
+    assert _run(inproc_llm, prompts, case.params()) == [case.reference(ref_model, p) for p in prompts]
+
+
+def test_guidance_changes_the_output(ref_model):
+    prompt = random_prompt(random.Random("cfg"), 13)
+    assert Case(13, 40, steps=20, cfg_scale=1.0).reference(ref_model, prompt) != Case(13, 40, steps=20).reference(
+        ref_model, prompt)
 
 
 def test_shared_prefix_ending_mid_block_hits_cache_and_stays_exact(inproc_llm, ref_model):
@@ -147,6 +170,7 @@ def test_prefix_is_never_recomputed(inproc_llm):
         ({"block_size": 48}, "block_size"),
         ({"block_size": -1}, "block_size"),
         ({"alg": "prob_conf"}, "alg"),
+        ({"cfg_scale": 1.0, "block_size": 16}, "cfg_scale"),
     ],
 )
 def test_bad_options_are_rejected_and_engine_keeps_serving(inproc_llm, extra, param):

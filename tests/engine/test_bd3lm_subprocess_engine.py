@@ -34,6 +34,11 @@ def test_eos_stops_mid_block_with_untied_head(bd3lm_eos_ckpt, reference_threads)
         prefix = random_prompt(rng, 150)
         shared = [prefix + random_prompt(rng, n) for n in (0, 5, 77)]
         assert _run(llm, shared, Case(0, 40).params()) == [Case(0, 40).reference(model, p) for p in shared]
+        # Guidance: the shared all-mask prefix (up to the 256-token page here) is filled in chunks
+        # of at most 32 tokens (half the step budget, whole blocks) over several steps first.
+        guided = Case(0, 24, steps=12, cfg_scale=1.5)
+        long_prompts = [random_prompt(rng, 270), random_prompt(rng, 20)]
+        assert _run(llm, long_prompts, guided.params()) == [guided.reference(model, p) for p in long_prompts]
     finally:
         llm.llm_engine.engine_core.shutdown()
 

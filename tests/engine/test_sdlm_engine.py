@@ -210,10 +210,10 @@ def test_self_speculative_verifies_drafts_in_packed_windows_and_equals_first_tok
 def test_self_speculative_mixed_into_a_busy_batch(llm, ref_model):
     """More packed requests than scratch regions share the batch with other algorithms: the extra ones
     fall back to one token per forward for a step, every output stays exact."""
-    from vllm_blockdiff.engine.sdlm import MAX_PACKED_REQUESTS
+    from vllm_blockdiff.engine.scratch import MAX_SCRATCH_REQUESTS
 
     rng = random.Random(77)
-    cases = [SDLMCase(20, "self_speculative") for _ in range(MAX_PACKED_REQUESTS + 4)]
+    cases = [SDLMCase(20, "self_speculative") for _ in range(MAX_SCRATCH_REQUESTS + 4)]
     cases += [SDLMCase(20, "prob_conf", 0.6), SDLMCase(20, "entropy_conf", 0.9)] * 2
     prompts = [random_prompt(rng, rng.randint(1, 60)) for _ in cases]
     completions = run(llm, prompts, [c.params() for c in cases])

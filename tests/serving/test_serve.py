@@ -112,6 +112,18 @@ def test_bd3lm_completion_is_the_cards_output(bd3lm_client, bd3lm_ckpt, bd3lm_re
     assert resp.usage.prompt_tokens == 21 and resp.usage.completion_tokens == len(expected)
 
 
+def test_bd3lm_classifier_free_guidance_is_the_cards(bd3lm_client, bd3lm_ckpt, bd3lm_ref):
+    prompt = random_prompt(random.Random(4), 45)
+    resp = bd3lm_client.completions.create(
+        model=str(bd3lm_ckpt), prompt=prompt, max_tokens=24, temperature=0.0,
+        extra_body={"vllm_xargs": {"steps": 12, "cfg_scale": 1.5}, "return_token_ids": True},
+    )
+    expected = generate_bd3lm(bd3lm_ref, prompt, max_new_tokens=24, steps=12, block_size=32, cfg_scale=1.5,
+                              eos_ids=(151645,))
+    stop = next((i for i, t in enumerate(expected) if t in (151643, 151645)), None)
+    assert list(resp.choices[0].token_ids) == (expected if stop is None else expected[: stop + 1])
+
+
 def test_bd3lm_chat_uses_the_tokenizers_template(bd3lm_client, bd3lm_ckpt):
     from transformers import AutoTokenizer
 
@@ -172,12 +184,14 @@ def test_bd3lm_n_and_seed(bd3lm_client, bd3lm_ckpt):
         ({"vllm_xargs": {"remasking": "entropy"}}, "remasking"),
         ({"vllm_xargs": {"block_size": 48}}, "block_size"),  # must divide the 128-token KV page
         ({"vllm_xargs": {"alg": "prob_conf"}}, "alg"),  # an SDLM option
+        ({"vllm_xargs": {"cfg_scale": 1.0, "block_size": 16}}, "cfg_scale"),
+        ({"vllm_xargs": {"cfg_scale": 1.0}, "max_tokens": 1000}, "max_tokens"),  # no room for guidance
         ({"top_p": 0.5}, "top_p"),
         ({"logprobs": 2}, "logprobs"),
     ],
 )
 def test_bd3lm_bad_options_answer_400_naming_the_parameter(bd3lm_server, bd3lm_ckpt, body, param):
-    resp = completion(bd3lm_server, str(bd3lm_ckpt), prompt="hi", max_tokens=8, **body)
+    resp = completion(bd3lm_server, str(bd3lm_ckpt), prompt="hi", **{"max_tokens": 8, **body})
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == param and param in error["message"]

@@ -8,6 +8,18 @@ placeholders of the chunk's mask slots):
 3. logits are computed only at still-masked canvas positions; the denoising policy commits;
 4. the canvas is returned to the scheduler only when the chunk is finished (it ran all its
    steps, or the request's eos appeared), as that step's sampled tokens; otherwise nothing.
+
+Classifier-free guidance (``cfg_scale > 0``, the card's option): every step also needs the
+canvas's logits over an *unconditional* prefix in which every token is the mask id. Under the
+block-causal mask an all-mask block's keys/values depend only on its position, so the whole
+all-mask prefix is one sequence shared by every request: scratch pages (``engine/scratch.py``)
+filled once, in whole blocks, by whichever request first needs a longer one (a *fill* step:
+its placeholders are all-mask tokens written there). A request's unconditional row then reads
+that shared prefix up to the page holding its block start ``p0`` and, in a scratch region of
+its own, the all-mask tokens ``[p0, T)`` (the prompt-tail block as the card's prefix pass sees
+it) and a copy of the canvas. Placeholders of a guided step: the canvas, then ``T - p0`` masks
+and the canvas again, whose positions, ids and KV slots the plan rewrites. The two rows'
+logits combine as ``un + (cfg_scale + 1) * (cond - un)`` before the denoising rule.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import numpy as np
 import torch
 
 from vllm_blockdiff.algorithms import bd3lm
+from vllm_blockdiff.engine.scratch import ScratchPages, slots_of
 from vllm_blockdiff.engine.segments import CanvasRow, StepPlan, add_block_causal_segments
 from vllm_blockdiff.options import BD3LMOptions, ModelDefaults, resolve_bd3lm_options
 
@@ -45,35 +58,90 @@ class BD3LMSteps:
     def __init__(self, defaults: ModelDefaults, vllm_config):
         self.defaults = defaults
         self.mask_id = defaults.mask_token_id
+        self.scratch = ScratchPages.for_config(vllm_config)
+        self.page = self.scratch.page_size
+        self.scratch_first_page: int | None = None  # known once the KV cache exists
+        self.uncond_filled = 0  # the shared all-mask prefix is computed up to here
 
     def kv_cache_ready(self, kv_cache_config) -> None:
-        """BD3LM keeps everything in the request's own pages."""
+        self.scratch_first_page = kv_cache_config.num_blocks - self.scratch.num_pages
 
     def new_state(self, params, generator: torch.Generator) -> BD3LMRequestState:
         return BD3LMRequestState(resolve_bd3lm_options(params, self.defaults), generator, params.eos_token_id)
 
+    def _canvas_len(self, start: int, num_placeholders: int, state: BD3LMRequestState) -> int:
+        """How many placeholders are the canvas: all, or a guided step's first third (0 for a fill)."""
+        if not state.options.cfg_scale:
+            return num_placeholders
+        page_start = start // self.page * self.page
+        if self.uncond_filled < page_start:
+            return 0
+        return (num_placeholders - (start - page_start)) // 2
+
     def place(self, token_ids: np.ndarray, start: int, placeholders: list[int], state: BD3LMRequestState):
-        """Write the canvas over the placeholders (a new chunk starts as the placeholders: masks)."""
+        """Write the canvas over its placeholders (a new chunk starts as masks)."""
+        n = self._canvas_len(start, len(placeholders), state)
+        if not n:
+            return
         if state.chunk is None or state.chunk.start != start:
-            schedule = bd3lm.transfer_schedule(len(placeholders), state.options.steps_per_block)
-            state.chunk = ChunkState(start, torch.tensor(placeholders, dtype=torch.long), schedule)
-        token_ids[start : start + len(placeholders)] = state.chunk.canvas.numpy()
+            schedule = bd3lm.transfer_schedule(n, state.options.steps_per_block)
+            state.chunk = ChunkState(start, torch.full((n,), self.mask_id, dtype=torch.long), schedule)
+        token_ids[start : start + n] = state.chunk.canvas.numpy()
 
     def plan(self, plan: StepPlan, req_index: int, req_id: str, state: BD3LMRequestState,
              computed: int, num_sched: int, num_masks: int, offset: int, token_ids: np.ndarray) -> None:
         block_size = state.options.block_size
-        regular_end = computed + num_sched - num_masks
-        add_block_causal_segments(plan, req_index, computed, regular_end, block_size)
-        if num_masks:
-            plan.add(req_index, num_masks, regular_end + num_masks, causal=False)
-            masked = np.flatnonzero(state.chunk.canvas.numpy() == self.mask_id)
-            plan.canvases.append(CanvasRow(req_index, req_id, offset + num_sched - num_masks, num_masks, masked))
+        T = computed + num_sched - num_masks  # committed tokens; the placeholders follow
+        add_block_causal_segments(plan, req_index, computed, T, block_size)
+        if not num_masks:
+            return
+        first = offset + T - computed
+        n = self._canvas_len(T, num_masks, state)
+        if not n:
+            self._plan_fill(plan, req_index, first, num_masks, block_size)
+            return
+        plan.add(req_index, n, T + n, causal=False)
+        masked = np.flatnonzero(state.chunk.canvas.numpy() == self.mask_id)
+        plan.canvases.append(CanvasRow(req_index, req_id, first, n, masked))
+        if state.options.cfg_scale:
+            self._plan_unconditional(plan, req_index, req_id, T, first + n, state, masked)
+
+    def _plan_fill(self, plan: StepPlan, req_index: int, first: int, length: int, block_size: int) -> None:
+        """All-mask tokens extending the shared prefix, block-causal, into the shared pages."""
+        shared = self.scratch.shared(self.scratch_first_page)
+        positions = np.arange(self.uncond_filled, self.uncond_filled + length)
+        plan.override_tokens(np.arange(first, first + length), positions, np.full(length, self.mask_id),
+                             slots_of(positions, shared, 0, self.page))
+        add_block_causal_segments(plan, req_index, int(positions[0]), int(positions[-1]) + 1, block_size,
+                                  pages=(0, shared))
+        self.uncond_filled += length
+
+    def _plan_unconditional(self, plan: StepPlan, req_index: int, req_id: str, T: int, first: int,
+                            state: BD3LMRequestState, masked: np.ndarray) -> None:
+        """The canvas again, over the shared all-mask prefix and this request's all-mask tail."""
+        n = len(state.chunk.canvas)
+        page_start = T // self.page * self.page
+        slot = plan.num_scratch_requests
+        plan.num_scratch_requests += 1
+        assert slot < self.scratch.num_requests, "the scheduler guides at most num_requests requests per step"
+        region = self.scratch.region(self.scratch_first_page, slot, 0)
+        used = -(-(T + n - page_start) // self.page)
+        pages = np.concatenate([self.scratch.shared(self.scratch_first_page)[: page_start // self.page],
+                                region[:used]])
+        positions = np.arange(page_start, T + n)
+        token_ids = np.concatenate([np.full(T - page_start, self.mask_id), state.chunk.canvas.numpy()])
+        plan.override_tokens(np.arange(first, first + len(positions)), positions, token_ids,
+                             slots_of(positions, region, page_start, self.page))
+        add_block_causal_segments(plan, req_index, page_start, T, state.options.block_size, pages=(0, pages))
+        plan.add(req_index, n, T + n, causal=False, pages=(0, pages))
+        plan.canvases.append(CanvasRow(req_index, req_id, first + T - page_start, n, masked, unconditional=True))
 
     def sample(self, logits: torch.Tensor, plan: StepPlan, states: dict, out: torch.Tensor,
                num_tokens: np.ndarray) -> None:
         """One batched denoising step; finished chunks are written to ``out`` rows."""
+        logits, canvases = self._guided(logits, plan.canvases, states)
         steps = []
-        for row in plan.canvases:
+        for row in canvases:
             state = states[row.req_id]
             # The card runs a fixed number of steps: a position may "commit" the mask id itself
             # and stay masked, so completion is counted in steps, not in masks left.
@@ -88,10 +156,29 @@ class BD3LMSteps:
                 )
             )
         new_canvases = bd3lm.denoise_batch(logits, steps, self.mask_id) if steps else []
-        for row, canvas in zip(plan.canvases, new_canvases):
+        for row, canvas in zip(canvases, new_canvases):
             state = states[row.req_id]
             state.chunk.canvas = canvas
             hit_eos = state.eos_token_id is not None and bool((canvas == state.eos_token_id).any())
             if not state.chunk.commits or hit_eos:
                 out[row.req_index, : row.length] = canvas.to(torch.int32)
                 state.chunk = None
+
+    @staticmethod
+    def _guided(logits: torch.Tensor, rows: list[CanvasRow], states: dict):
+        """Logits of the conditional canvases, each guided one combined with its unconditional row
+        as ``un + (cfg_scale + 1) * (cond - un)`` (the card's formula)."""
+        if not any(row.unconditional for row in rows):
+            return logits, rows
+        starts = np.cumsum([0] + [len(row.logit_positions) for row in rows])
+        conditional, parts = [], []
+        for i, row in enumerate(rows):
+            cond = logits[starts[i] : starts[i + 1]]
+            if row.unconditional:
+                un = logits[starts[i] : starts[i + 1]]
+                scale = states[row.req_id].options.cfg_scale
+                parts[-1] = un + (scale + 1.0) * (parts[-1] - un)
+                continue
+            conditional.append(row)
+            parts.append(cond)
+        return torch.cat(parts), conditional

@@ -19,15 +19,21 @@ from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 
 from vllm_blockdiff.algorithms import bd3lm
 from vllm_blockdiff.config import model_defaults
-from vllm_blockdiff.engine.sdlm import ScratchPool, StepKind, packed_layout_fits, packed_num_scheduled
+from vllm_blockdiff.engine.scratch import ScratchPages
+from vllm_blockdiff.engine.sdlm import StepKind, packed_layout_fits, packed_num_scheduled
 from vllm_blockdiff.options import BD3LMOptions, resolve_bd3lm_options, resolve_sdlm_options
 
 
 class BlockDiffScheduler(Scheduler):
-    """What both families share: mask slots are scheduled whole or not at all."""
+    """What both families share: mask slots are scheduled whole or not at all, and the top pages
+    of the KV cache are the runner's scratch (``engine/scratch.py``), never handed out."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
+        self._scratch = ScratchPages.for_config(vllm_config)
+        kv_cache_config = dataclasses.replace(
+            kv_cache_config, num_blocks=kv_cache_config.num_blocks - self._scratch.num_pages
+        )
+        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         self._defaults = model_defaults(self.vllm_config)
 
     def schedule(self, *args, **kwargs):
@@ -39,7 +45,7 @@ class BlockDiffScheduler(Scheduler):
         kept = []
         for request in self.running:
             need = request.num_tokens_with_spec - request.num_computed_tokens
-            if request.spec_token_ids and need > budget:
+            if (request.spec_token_ids and need > budget) or self._must_wait(request):
                 held_back.append(request)
             else:
                 kept.append(request)
@@ -51,6 +57,10 @@ class BlockDiffScheduler(Scheduler):
         finally:
             if held_back:
                 self.running = self.running + held_back
+
+    def _must_wait(self, request) -> bool:
+        """A running request that must sit this step out (it cannot make progress yet)."""
+        return False
 
 
 class BD3LMScheduler(BlockDiffScheduler):
@@ -71,6 +81,51 @@ class BD3LMScheduler(BlockDiffScheduler):
         super().__init__(*args, **kwargs)
         # Nothing is sampled "after" the last scheduled token: do not reserve a context slot.
         self.num_sampled_tokens_per_step = 0
+        # Classifier-free guidance: the shared all-mask prefix (engine/bd3lm.py) is computed up to
+        # here; requests whose unconditional row needs more fill it, a bounded chunk per step.
+        self._uncond_filled = 0
+        block = self._defaults.block_size
+        self._fill_limit = max(block, self.max_num_scheduled_tokens // 2 // block * block)
+
+    def schedule(self, *args, **kwargs):
+        filler = self._place_guidance_rows()
+        output = super().schedule(*args, **kwargs)
+        if filler is not None and filler[0].request_id in output.num_scheduled_tokens:
+            self._uncond_filled += filler[1]
+        return output
+
+    def _place_guidance_rows(self):
+        """Placeholders of the requests with ``cfg_scale > 0`` (see ``engine/bd3lm.py``): the canvas,
+        the all-mask tokens from the page of the canvas's block and the canvas again (the
+        unconditional row); or, while the shared all-mask prefix is shorter than that page start,
+        a fill chunk for one request and a pause for the others (and for guided requests beyond
+        the scratch regions of one forward). Returns (filler, fill length)."""
+        filler = None
+        num_guided = 0  # each guided step uses one scratch region
+        mask = self._defaults.mask_token_id
+        page, block = self._scratch.page_size, self._defaults.block_size
+        for request in self.running:
+            request._blockdiff_waits = False
+            canvas = getattr(request, "_blockdiff_canvas_len", 0)
+            if not canvas or not request.spec_token_ids or not self._options(request).cfg_scale:
+                continue
+            T = request.num_tokens
+            page_start = T // page * page
+            if self._uncond_filled >= page_start and num_guided < self._scratch.num_requests:
+                num_guided += 1
+                request.spec_token_ids = [mask] * (2 * canvas + T - page_start)
+            elif self._uncond_filled >= page_start:
+                request._blockdiff_waits = True
+            elif filler is None:
+                fill = min(page_start - self._uncond_filled, self._fill_limit, (self.max_model_len - T) // block * block)
+                filler = (request, fill)
+                request.spec_token_ids = [mask] * fill
+            else:
+                request._blockdiff_waits = True
+        return filler
+
+    def _must_wait(self, request) -> bool:
+        return getattr(request, "_blockdiff_waits", False)
 
     def _options(self, request) -> BD3LMOptions:
         opts = getattr(request, "_blockdiff_options", None)
@@ -115,6 +170,7 @@ class BD3LMScheduler(BlockDiffScheduler):
         )
         # Never claim slots past the context; vLLM ends the request there (length capped).
         chunk_len = min(chunk_len, self.max_model_len - request.num_tokens)
+        request._blockdiff_canvas_len = chunk_len
         request.spec_token_ids = [self._defaults.mask_token_id] * chunk_len
 
 
@@ -141,13 +197,8 @@ class SDLMScheduler(BlockDiffScheduler):
     and in the Prometheus counters.
     """
 
-    def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
-        self._scratch = ScratchPool.for_config(vllm_config)
-        # The top pages of the KV cache are the runner's scratch for verify windows: hide them.
-        kv_cache_config = dataclasses.replace(
-            kv_cache_config, num_blocks=kv_cache_config.num_blocks - self._scratch.num_pages
-        )
-        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._num_masks = self._defaults.block_size - 1
         # Sizes vLLM's per-position acceptance statistics; the window is the "draft".
         self.num_spec_tokens = self._num_masks

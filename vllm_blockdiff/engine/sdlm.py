@@ -34,18 +34,15 @@ packed request's scheduled tokens (positions, KV slots):
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from vllm_blockdiff.algorithms import sdlm
+from vllm_blockdiff.engine.scratch import ScratchPages, slots_of
 from vllm_blockdiff.engine.segments import CanvasRow, StepPlan
 from vllm_blockdiff.options import ModelDefaults, SDLMOptions, resolve_sdlm_options
-
-MAX_PACKED_REQUESTS = 16  # packed verify steps per forward; the scratch pool is sized for them
-
 
 class StepKind(enum.Enum):
     """What a window-ready SDLM request does in a step (decided by the scheduler)."""
@@ -56,47 +53,18 @@ class StepKind(enum.Enum):
     FALLBACK = "fallback"  # self_speculative, no scratch this step: commit the first prediction
 
 
-@dataclass(frozen=True)
-class ScratchPool:
-    """Scratch KV pages for verify windows: ``num_requests`` packed steps per forward, D regions
-    each, a region being the pages that hold a row's recomputed tail and its window."""
-
-    num_requests: int
-    window: int  # D
-    page_size: int
-    max_model_len: int
-
-    @property
-    def pages_per_region(self) -> int:
-        return math.ceil((self.page_size - 1 + 2 * self.window - 1) / self.page_size)
-
-    @property
-    def num_pages(self) -> int:
-        return self.num_requests * self.window * self.pages_per_region
-
-    @classmethod
-    def for_config(cls, vllm_config) -> ScratchPool:
-        hf_config = vllm_config.model_config.hf_config
-        return cls(
-            num_requests=min(MAX_PACKED_REQUESTS, vllm_config.scheduler_config.max_num_seqs),
-            window=hf_config.blockdiff_block_size,
-            page_size=vllm_config.cache_config.block_size,
-            max_model_len=vllm_config.model_config.max_model_len,
-        )
-
-
 def packed_num_scheduled(L: int, c: int, D: int, P: int) -> int:
     """Tokens a packed verify step schedules for a request with L committed, c cached tokens."""
     tail = L - (L // P) * P
     return (L - c) + (D - 1) + sum(tail + i + D for i in range(D))
 
 
-def packed_layout_fits(L: int, c: int, defaults: ModelDefaults, pool: ScratchPool) -> bool:
-    """Whether a packed step's placeholders and drafts stay inside the context."""
-    D, P = defaults.block_size, pool.page_size
+def packed_layout_fits(L: int, c: int, defaults: ModelDefaults, scratch: ScratchPages) -> bool:
+    """Whether a packed step's placeholders and its rows' page overrides stay inside the context."""
+    D, P = defaults.block_size, scratch.page_size
     base = (L // P) * P
-    return c + packed_num_scheduled(L, c, D, P) <= pool.max_model_len and (
-        base + pool.pages_per_region * P <= pool.max_model_len
+    return c + packed_num_scheduled(L, c, D, P) <= defaults.max_model_len and (
+        base + scratch.pages_per_region * P <= defaults.max_model_len
     )
 
 
@@ -113,11 +81,11 @@ class SDLMSteps:
     def __init__(self, defaults: ModelDefaults, vllm_config):
         self.defaults = defaults
         self.D = defaults.block_size
-        self.pool = ScratchPool.for_config(vllm_config)
+        self.scratch = ScratchPages.for_config(vllm_config)
         self.scratch_first_page: int | None = None  # known once the KV cache exists
 
     def kv_cache_ready(self, kv_cache_config) -> None:
-        self.scratch_first_page = kv_cache_config.num_blocks - self.pool.num_pages
+        self.scratch_first_page = kv_cache_config.num_blocks - self.scratch.num_pages
 
     def new_state(self, params, generator: torch.Generator) -> SDLMRequestState:
         return SDLMRequestState(resolve_sdlm_options(params, self.defaults), generator)
@@ -145,7 +113,7 @@ class SDLMSteps:
 
     def _plan_packed(self, plan: StepPlan, req_index: int, req_id: str, state: SDLMRequestState,
                      computed: int, L: int, offset: int, token_ids: np.ndarray) -> None:
-        D, P, pool = self.D, self.pool.page_size, self.pool
+        D, P, scratch = self.D, self.scratch.page_size, self.scratch
         draft = state.draft
         num_causal = L - computed + D - 1  # uncached committed tokens + drafts y_0..y_{D-2}
         plan.add(req_index, num_causal, L + D - 1, causal=True)
@@ -154,15 +122,14 @@ class SDLMSteps:
         k = offset + num_causal
         slot = plan.num_scratch_requests
         plan.num_scratch_requests += 1
-        assert slot < pool.num_requests, "the scheduler packs at most pool.num_requests requests per step"
+        assert slot < scratch.num_requests, "the scheduler packs at most num_requests requests per step"
         for i in range(D):
-            region = slot * D + i
-            pages = self.scratch_first_page + region * pool.pages_per_region + np.arange(pool.pages_per_region)
+            pages = scratch.region(self.scratch_first_page, slot, i)
             first_page = base // P
             dup = tail + draft[:i]
             window = [draft[i]] + [self.defaults.mask_token_id] * (D - 1)
             positions = np.arange(base, L + i + D)
-            slots = pages[(positions - base) // P] * P + (positions - base) % P
+            slots = slots_of(positions, pages, base, P)
             plan.override_tokens(np.arange(k, k + len(positions)), positions, np.array(dup + window), slots)
             if dup:
                 plan.add(req_index, len(dup), L + i, causal=True, pages=(first_page, pages))

@@ -37,6 +37,7 @@ class CanvasRow:
     # they can commit), SDLM every window position.
     logit_positions: np.ndarray
     verify_row: int = -1  # SDLM self-speculative: which verify window of a packed step
+    unconditional: bool = False  # BD3LM guidance: the canvas over the all-mask prefix
 
 
 @dataclass
@@ -77,13 +78,14 @@ class StepPlan:
 
 
 def add_block_causal_segments(
-    plan: StepPlan, owner: int, start: int, end: int, block_size: int
+    plan: StepPlan, owner: int, start: int, end: int, block_size: int,
+    pages: tuple[int, np.ndarray] | None = None,
 ) -> None:
     """Tokens at absolute positions ``[start, end)``, cut at multiples of ``block_size``."""
     pos = start
     while pos < end:
         seg_end = min(end, (pos // block_size + 1) * block_size)
-        plan.add(owner, seg_end - pos, seg_end, causal=False)
+        plan.add(owner, seg_end - pos, seg_end, causal=False, pages=pages)
         pos = seg_end
 
 
