@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES = ("input_processor", "metrics_loggers")
+PATCHES = ("input_processor", "metrics_loggers", "openai_completion_serving", "openai_chat_serving")
 
 
 def apply_all() -> None:

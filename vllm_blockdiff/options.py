@@ -12,8 +12,8 @@ from typing import Any
 from vllm_blockdiff.algorithms import sdlm
 from vllm_blockdiff.algorithms.bd3lm import REMASKING_MODES
 
-BD3LM_OPTION_NAMES = ("steps", "block_size", "remasking", "cfg_scale")
-SDLM_OPTION_NAMES = ("alg", "threshold")
+BD3LM_OPTION_NAMES = ("steps", "block_size", "remasking", "cfg_scale", "trace")
+SDLM_OPTION_NAMES = ("alg", "threshold", "trace")
 
 
 class OptionError(ValueError):
@@ -46,6 +46,7 @@ class BD3LMOptions:
     max_tokens: int
     temperature: float
     seed: int | None
+    trace: bool = False  # stream every step's canvas (docs/design.md §10)
 
     @property
     def steps_per_block(self) -> int:
@@ -63,6 +64,7 @@ class SDLMOptions:
     top_p: float
     top_k: int  # <= 0: off
     seed: int | None
+    trace: bool = False  # stream every step's window (docs/design.md §10)
 
     @property
     def entropy_conf(self) -> bool:
@@ -89,6 +91,14 @@ def _check_unknown(extra: dict, known: tuple[str, ...], family: str) -> None:
         f"unknown diffusion option(s) {unknown}; {family} accepts {list(known)}",
         unknown[0] if unknown else "extra_args",
     )
+
+
+def _trace_flag(extra: dict) -> bool:
+    trace = extra.get("trace", False)
+    # The OpenAI server's vllm_xargs holds numbers and strings: JSON true arrives as 1.
+    _check(isinstance(trace, bool) or (_is_int(trace) and trace in (0, 1)),
+           f"trace must be true or false (1 or 0), got {trace!r}", "trace")
+    return bool(trace)
 
 
 def _check_sampling(params: Any, *, allow_top_p_top_k: bool) -> float:
@@ -167,6 +177,7 @@ def resolve_bd3lm_options(params: Any, defaults: ModelDefaults) -> BD3LMOptions:
         block_size=block_size,
         remasking=remasking,
         cfg_scale=float(cfg_scale),
+        trace=_trace_flag(extra),
         max_tokens=max_tokens,
         temperature=temperature,
         seed=params.seed,
@@ -196,6 +207,7 @@ def resolve_sdlm_options(params: Any, defaults: ModelDefaults) -> SDLMOptions:
         top_p=float(params.top_p),
         top_k=int(top_k),
         seed=params.seed,
+        trace=_trace_flag(extra),
     )
 
 

@@ -7,15 +7,8 @@ checkpoint, SDLM on the tiny model trained on letter patterns (its text is reada
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import os
 import random
 import re
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -23,51 +16,9 @@ import requests
 from tests.conftest import random_prompt
 from tests.reference import load_reference_model
 from tests.reference.bd3lm_reference import generate_bd3lm
+from tests.serving.conftest import kv_cache_usage
 
 MASK_TEXTS = ("<|mask|>", "<text_mask>")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def vllm_serve(model: Path, log: Path):
-    """``vllm serve MODEL`` on a free port; yields the base URL, stops the server afterwards."""
-    port = _free_port()
-    cli = Path(sys.executable).with_name("vllm")
-    cmd = [str(cli) if cli.exists() else "vllm", "serve", str(model), "--port", str(port),
-           "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20),
-           "--dtype", "float32", "--enforce-eager", "--seed", "0"]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise TimeoutError(f"vllm serve did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def kv_cache_usage(base: str) -> float:
-    text = requests.get(f"{base}/metrics", timeout=10).text
-    return float(re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", text, re.M).group(1))
 
 
 def completion(base: str, model: str, **body) -> requests.Response:
@@ -77,19 +28,6 @@ def completion(base: str, model: str, **body) -> requests.Response:
 # --------------------------------------------------------------------------------------------------------
 # BD3LM
 # --------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def bd3lm_server(bd3lm_ckpt, tmp_path_factory):
-    with vllm_serve(bd3lm_ckpt, tmp_path_factory.mktemp("logs") / "bd3lm.log") as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def bd3lm_client(bd3lm_server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{bd3lm_server}/v1", api_key="unused", timeout=300)
-
-
 @pytest.fixture(scope="module")
 def bd3lm_ref(bd3lm_ckpt, reference_threads):
     return load_reference_model(bd3lm_ckpt)
@@ -211,27 +149,6 @@ def test_bd3lm_server_keeps_serving_and_frees_all_kv(bd3lm_server, bd3lm_ckpt):
 # --------------------------------------------------------------------------------------------------------
 # SDLM
 # --------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def letters_ckpt(tmp_path_factory):
-    from vllm_blockdiff.testing.trained_sdlm import build_trained_sdlm_checkpoint
-
-    return build_trained_sdlm_checkpoint(tmp_path_factory.mktemp("sdlm_letters_serve"), D=4)
-
-
-@pytest.fixture(scope="module")
-def sdlm_server(letters_ckpt, tmp_path_factory, bd3lm_server):
-    # Depends on bd3lm_server only to order the fixtures: one server at a time on two cores.
-    with vllm_serve(letters_ckpt, tmp_path_factory.mktemp("logs") / "sdlm.log") as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def sdlm_client(sdlm_server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{sdlm_server}/v1", api_key="unused", timeout=300)
-
-
 def test_sdlm_completion_reports_tokens_per_forward(sdlm_server, letters_ckpt):
     resp = completion(sdlm_server, str(letters_ckpt), prompt=" a c e g i k", max_tokens=24, temperature=0,
                       vllm_xargs={"alg": "prob_conf", "threshold": 0.9})

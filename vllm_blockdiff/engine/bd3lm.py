@@ -137,8 +137,9 @@ class BD3LMSteps:
         plan.canvases.append(CanvasRow(req_index, req_id, first + T - page_start, n, masked, unconditional=True))
 
     def sample(self, logits: torch.Tensor, plan: StepPlan, states: dict, out: torch.Tensor,
-               num_tokens: np.ndarray) -> None:
-        """One batched denoising step; finished chunks are written to ``out`` rows."""
+               num_tokens: np.ndarray) -> dict:
+        """One batched denoising step; finished chunks are written to ``out`` rows. Returns the trace
+        frames (each traced request's canvas after the step)."""
         logits, canvases = self._guided(logits, plan.canvases, states)
         steps = []
         for row in canvases:
@@ -156,13 +157,18 @@ class BD3LMSteps:
                 )
             )
         new_canvases = bd3lm.denoise_batch(logits, steps, self.mask_id) if steps else []
+        frames = {}
         for row, canvas in zip(canvases, new_canvases):
             state = states[row.req_id]
             state.chunk.canvas = canvas
+            if state.options.trace:
+                frames[row.req_id] = {"kind": "bd3lm", "start": state.chunk.start, "tokens": canvas.tolist(),
+                                      "mask": self.mask_id}
             hit_eos = state.eos_token_id is not None and bool((canvas == state.eos_token_id).any())
             if not state.chunk.commits or hit_eos:
                 out[row.req_index, : row.length] = canvas.to(torch.int32)
                 state.chunk = None
+        return frames
 
     @staticmethod
     def _guided(logits: torch.Tensor, rows: list[CanvasRow], states: dict):

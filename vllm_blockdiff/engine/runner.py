@@ -18,7 +18,7 @@ import hashlib
 
 import numpy as np
 import torch
-from vllm.v1.outputs import SamplerOutput
+from vllm.v1.outputs import ModelRunnerOutput, SamplerOutput
 
 from vllm_blockdiff.config import model_defaults
 from vllm_blockdiff.engine.bd3lm import BD3LMSteps
@@ -149,5 +149,17 @@ class BlockDiffRunnerMixin:
         width = max([2] + [c.length for c in plan.canvases])
         out = torch.full((self.input_batch.num_reqs, width), -1, dtype=torch.int32)
         if plan.canvases:
-            self._steps.sample(logits, plan, self._states, out, self.input_batch.num_tokens_no_spec)
+            frames = self._steps.sample(logits, plan, self._states, out, self.input_batch.num_tokens_no_spec)
+            self._trace_frames = {
+                req_id: {**frame, "position": frame.pop("start") - self.requests[req_id].num_prompt_tokens}
+                for req_id, frame in frames.items()
+            }
         return SamplerOutput(sampled_token_ids=out.to(self.device), logprobs_tensors=None)
+
+    def sample_tokens(self, *args, **kwargs):
+        output = super().sample_tokens(*args, **kwargs)
+        frames, self._trace_frames = getattr(self, "_trace_frames", None), None
+        if frames and isinstance(output, ModelRunnerOutput):
+            # Per-step states of requests with the trace option; the scheduler forwards them.
+            output.blockdiff_trace = frames
+        return output

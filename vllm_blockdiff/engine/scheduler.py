@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 
 from vllm_blockdiff.algorithms import bd3lm
@@ -22,6 +23,8 @@ from vllm_blockdiff.config import model_defaults
 from vllm_blockdiff.engine.scratch import ScratchPages
 from vllm_blockdiff.engine.sdlm import StepKind, packed_layout_fits, packed_num_scheduled
 from vllm_blockdiff.options import BD3LMOptions, resolve_bd3lm_options, resolve_sdlm_options
+
+TRACE_KEY = "blockdiff_trace"
 
 
 class BlockDiffScheduler(Scheduler):
@@ -61,6 +64,33 @@ class BlockDiffScheduler(Scheduler):
     def _must_wait(self, request) -> bool:
         """A running request that must sit this step out (it cannot make progress yet)."""
         return False
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        frames = getattr(model_runner_output, "blockdiff_trace", None)
+        if frames:
+            self._attach_trace(outputs, frames)
+        return outputs
+
+    def _attach_trace(self, outputs, frames: dict) -> None:
+        """Per-step frames of traced requests ride to the front end in the output's
+        ``kv_transfer_params`` (``{"blockdiff_trace": [frame]}``), on an output without new tokens
+        when the step committed none (docs/design.md §10)."""
+        by_id = {o.request_id: o for engine_outputs in outputs.values() for o in engine_outputs.outputs}
+        for req_id, frame in frames.items():
+            output = by_id.get(req_id)
+            if output is None:
+                request = self.requests.get(req_id)
+                if request is None or request.is_finished():
+                    continue
+                output = EngineCoreOutput(request_id=req_id, new_token_ids=[])
+                if request.client_index in outputs:
+                    outputs[request.client_index].outputs.append(output)
+                else:
+                    outputs[request.client_index] = EngineCoreOutputs(outputs=[output])
+            if output.kv_transfer_params is None:
+                output.kv_transfer_params = {}
+            output.kv_transfer_params.setdefault(TRACE_KEY, []).append(frame)
 
 
 class BD3LMScheduler(BlockDiffScheduler):

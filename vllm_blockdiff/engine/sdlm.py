@@ -138,8 +138,9 @@ class SDLMSteps:
             k += len(positions)
 
     def sample(self, logits: torch.Tensor, plan: StepPlan, states: dict, out: torch.Tensor,
-               num_tokens: np.ndarray) -> None:
-        """Committed tokens of every window-ready request, written to ``out`` rows."""
+               num_tokens: np.ndarray) -> dict:
+        """Committed tokens of every window-ready request, written to ``out`` rows. Returns the trace
+        frames (each traced request's window predictions and how many committed)."""
         grouped: dict[str, list[tuple[int, CanvasRow]]] = {}
         start = 0
         for row in plan.canvases:
@@ -160,12 +161,20 @@ class SDLMSteps:
             requests = [self._window_request(row.length, states[req_id]) for req_id, _, row in windows]
             for (req_id, _, _), tokens in zip(windows, sdlm.commit_windows(window_logits, requests)):
                 committed[req_id] = tokens
+        frames = {}
         for req_id, rows in grouped.items():
             req_index = rows[0][1].req_index
             # Never past the context: vLLM's runner refuses tokens beyond max_model_len.
             tokens = committed[req_id][: self.defaults.max_model_len - int(num_tokens[req_index])]
             if tokens:
                 out[req_index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+            state = states[req_id]
+            if state.options.trace:
+                start, row = rows[0]
+                window = state.draft if state.draft is not None else logits[start : start + row.length].argmax(-1).tolist()
+                frames[req_id] = {"kind": "sdlm", "start": int(num_tokens[req_index]), "tokens": list(window),
+                                  "accepted": len(tokens)}
+        return frames
 
     def _window_request(self, num_rows: int, state: SDLMRequestState) -> sdlm.WindowRequest:
         opts = state.options
