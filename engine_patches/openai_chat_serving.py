@@ -15,7 +15,6 @@ Drift guard: raises at apply time if the method or its ``request``/``result_gene
 
 from __future__ import annotations
 
-import inspect
 import time
 
 from vllm.entrypoints.openai.chat_completion import serving as upstream
@@ -24,42 +23,16 @@ _NEEDED = {"request", "result_generator", "request_id", "model_name", "tokenizer
 
 
 def apply() -> None:
-    from vllm_blockdiff import serving_trace
+    from vllm_blockdiff.serving_trace import patch_stream_generator
 
-    cls = upstream.OpenAIServingChat
-    original = cls.__dict__.get("chat_completion_stream_generator")
-    if getattr(original, "_blockdiff_patched", False):
-        return
-    if original is None or not _NEEDED <= set(inspect.signature(original).parameters):
-        raise RuntimeError(
-            "engine_patches.openai_chat_serving: chat_completion_stream_generator changed upstream; "
-            "update the patch"
-        )
-    signature = inspect.signature(original)
-
-    def chat_completion_stream_generator(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        request = bound.arguments["request"]
-        if not serving_trace.wants_trace(request):
-            return original(self, *args, **kwargs)
-        steps: dict = {}
-        tokenizer = bound.arguments["tokenizer"]
-        created = int(time.time())
-
-        def frame_chunk(result, frames):
-            index = result.outputs[0].index
-            choice = {"index": index, "delta": {},
-                      "blockdiff_trace": serving_trace.render(frames, tokenizer, steps.setdefault(index, {}))}
-            return serving_trace.sse({"id": bound.arguments["request_id"], "object": "chat.completion.chunk",
-                                      "created": created, "model": bound.arguments["model_name"],
-                                      "choices": [choice]})
-
-        def inner(results):
-            bound.arguments["result_generator"] = results
-            return original(*bound.args, **bound.kwargs)
-
-        return serving_trace.interleave_frames(inner, bound.arguments["result_generator"],
-                                               lambda result: result, frame_chunk)
-
-    chat_completion_stream_generator._blockdiff_patched = True
-    cls.chat_completion_stream_generator = chat_completion_stream_generator
+    patch_stream_generator(
+        upstream.OpenAIServingChat,
+        "chat_completion_stream_generator",
+        _NEEDED,
+        output_of=lambda result: result,
+        frame_choice=lambda result, n: result.outputs[0].index,
+        envelope=lambda args, choice: {
+            "id": args["request_id"], "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": args["model_name"], "choices": [{**choice, "delta": {}}],
+        },
+    )

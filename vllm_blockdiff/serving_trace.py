@@ -21,6 +21,7 @@ into each ``RequestOutput``); ``engine_patches/openai_serving.py`` turns them in
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from collections.abc import AsyncIterator, Callable
 
@@ -96,3 +97,40 @@ async def interleave_frames(
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def patch_stream_generator(cls, name: str, needed: set[str], output_of: Callable, frame_choice: Callable,
+                           envelope: Callable) -> None:
+    """Wrap ``cls.<name>`` (one of vLLM's OpenAI stream generators) so a traced streamed request gets
+    its frames as extra chunks: ``envelope(bound_arguments, choice)`` is the chunk around
+    ``frame_choice(item, rendered_frames)``, ``output_of(item)`` the ``RequestOutput`` of a
+    result the generator consumes. Raises if the generator or the ``needed`` parameters are gone."""
+    original = cls.__dict__.get(name)
+    if getattr(original, "_blockdiff_patched", False):
+        return
+    if original is None or not needed <= set(inspect.signature(original).parameters):
+        raise RuntimeError(f"engine_patches: {cls.__name__}.{name} changed upstream; update the patch")
+    signature = inspect.signature(original)
+
+    def stream_generator(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        request = bound.arguments["request"]
+        if not wants_trace(request):
+            return original(self, *args, **kwargs)
+        n = getattr(request, "n", None) or 1
+        tokenizer = bound.arguments["tokenizer"]
+        steps: dict = {}
+
+        def frame_chunk(item, frames):
+            index = frame_choice(item, n)
+            choice = {"index": index, "blockdiff_trace": render(frames, tokenizer, steps.setdefault(index, {}))}
+            return sse(envelope(bound.arguments, choice))
+
+        def inner(results):
+            bound.arguments["result_generator"] = results
+            return original(*bound.args, **bound.kwargs)
+
+        return interleave_frames(inner, bound.arguments["result_generator"], output_of, frame_chunk)
+
+    stream_generator._blockdiff_patched = True
+    setattr(cls, name, stream_generator)

@@ -1,5 +1,5 @@
 """SDLM engine variants, one in-process engine per class: D=8 with prefix caching off and chunked
-prefill, and a tied-embedding checkpoint."""
+prefill, D=8 self-speculative, a causal-window checkpoint and a tied-embedding checkpoint."""
 
 from __future__ import annotations
 
@@ -12,17 +12,26 @@ from tests.engine.sdlm_cases import SDLMCase, accept_histogram, assert_matches_r
 from tests.reference import load_reference_model
 
 
-class TestWindowOf8NoPrefixCacheChunkedPrefill:
+class EngineClass:
+    """One in-process engine and the reference model for the checkpoint fixture named ``CKPT``."""
+
+    CKPT: str
+    ENGINE: dict = {}
+
+    @pytest.fixture(scope="class")
+    def llm(self, request):
+        yield from inproc_engine(request.getfixturevalue(self.CKPT), **self.ENGINE)
+
+    @pytest.fixture(scope="class")
+    def ref_model(self, request, reference_threads):
+        return load_reference_model(request.getfixturevalue(self.CKPT))
+
+
+class TestWindowOf8NoPrefixCacheChunkedPrefill(EngineClass):
     D = 8
-
-    @pytest.fixture(scope="class")
-    def llm(self, sdlm8_ckpt):
-        # 64 tokens per step: prompts longer than that are prefilled in chunks.
-        yield from inproc_engine(sdlm8_ckpt, enable_prefix_caching=False, max_num_batched_tokens=64)
-
-    @pytest.fixture(scope="class")
-    def ref_model(self, sdlm8_ckpt, reference_threads):
-        return load_reference_model(sdlm8_ckpt)
+    CKPT = "sdlm8_ckpt"
+    # 64 tokens per step: prompts longer than that are prefilled in chunks.
+    ENGINE = {"enable_prefix_caching": False, "max_num_batched_tokens": 64}
 
     @pytest.mark.parametrize("alg", ["prob_conf", "entropy_conf"])
     @pytest.mark.parametrize("threshold", [0.0, 0.6, 0.97, 2.0])
@@ -58,16 +67,9 @@ class TestWindowOf8NoPrefixCacheChunkedPrefill:
             assert_matches_reference(completion, case.reference(ref_model, prompt, self.D)[0], case.max_tokens)
 
 
-class TestSelfSpeculativeWindowOf8:
+class TestSelfSpeculativeWindowOf8(EngineClass):
     D = 8
-
-    @pytest.fixture(scope="class")
-    def llm(self, sdlm8_ckpt):
-        yield from inproc_engine(sdlm8_ckpt)
-
-    @pytest.fixture(scope="class")
-    def ref_model(self, sdlm8_ckpt, reference_threads):
-        return load_reference_model(sdlm8_ckpt)
+    CKPT = "sdlm8_ckpt"
 
     def test_packs_eight_verify_windows(self, llm, ref_model):
         case = SDLMCase(max_tokens=30, alg="self_speculative")
@@ -79,18 +81,11 @@ class TestSelfSpeculativeWindowOf8:
             assert completion.spec_decode_metrics.histogram == accept_histogram(verify_lengths, self.D)
 
 
-class TestCausalWindow:
+class TestCausalWindow(EngineClass):
     """``casual_attn: true`` (older spelling): the window attends causally within itself."""
 
     D = 4
-
-    @pytest.fixture(scope="class")
-    def llm(self, sdlm4_causal_window_ckpt):
-        yield from inproc_engine(sdlm4_causal_window_ckpt)
-
-    @pytest.fixture(scope="class")
-    def ref_model(self, sdlm4_causal_window_ckpt, reference_threads):
-        return load_reference_model(sdlm4_causal_window_ckpt)
+    CKPT = "sdlm4_causal_window_ckpt"
 
     @pytest.mark.parametrize("alg", ["prob_conf", "self_speculative"])
     def test_matches_the_causal_window_reference(self, llm, ref_model, alg):
@@ -103,16 +98,9 @@ class TestCausalWindow:
         assert bidirectional != expected  # the option matters for this checkpoint
 
 
-class TestTiedEmbeddings:
+class TestTiedEmbeddings(EngineClass):
     D = 4
-
-    @pytest.fixture(scope="class")
-    def llm(self, sdlm4_tied_ckpt):
-        yield from inproc_engine(sdlm4_tied_ckpt)
-
-    @pytest.fixture(scope="class")
-    def ref_model(self, sdlm4_tied_ckpt, reference_threads):
-        return load_reference_model(sdlm4_tied_ckpt)
+    CKPT = "sdlm4_tied_ckpt"
 
     @pytest.mark.parametrize("threshold", [0.0, 2.0])
     def test_greedy_matches_reference(self, llm, ref_model, threshold):

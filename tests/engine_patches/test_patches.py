@@ -25,20 +25,38 @@ def test_patch_is_documented(name):
 
 
 def _patched_symbols():
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-    return [(InputProcessor, "_validate_params"), (PrometheusStatLogger, "__init__")]
+    return {
+        "input_processor": [(InputProcessor, "_validate_params"), (InputProcessor, "process_inputs")],
+        "metrics_loggers": [(PrometheusStatLogger, "__init__")],
+        "openai_completion_serving": [(OpenAIServingCompletion, "completion_stream_generator")],
+        "openai_chat_serving": [(OpenAIServingChat, "chat_completion_stream_generator")],
+    }
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["input_processor", "metrics_loggers"])
-def test_patch_is_applied_once(index):
-    owner, name = _patched_symbols()[index]
+@pytest.mark.parametrize("name", engine_patches.PATCHES)
+def test_patch_is_applied_once(name):
     engine_patches.apply_all()
-    patched = getattr(owner, name)
+    patched = [getattr(owner, attr) for owner, attr in _patched_symbols()[name]]
     engine_patches.apply_all()
-    assert getattr(owner, name) is patched
-    assert getattr(patched, "_blockdiff_patched", False)
+    assert [getattr(owner, attr) for owner, attr in _patched_symbols()[name]] == patched
+    assert getattr(patched[0], "_blockdiff_patched", False)
+
+
+def test_stream_patch_refuses_a_changed_upstream_signature():
+    from vllm_blockdiff.serving_trace import patch_stream_generator
+
+    class Drifted:
+        async def completion_stream_generator(self, request, results):  # upstream renamed parameters
+            yield ""
+
+    with pytest.raises(RuntimeError, match="changed upstream"):
+        patch_stream_generator(Drifted, "completion_stream_generator", {"request", "result_generator"},
+                               output_of=None, frame_choice=None, envelope=None)
 
 
 def test_input_processor_patch_refuses_a_changed_upstream_signature(monkeypatch):

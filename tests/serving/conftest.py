@@ -63,11 +63,15 @@ def bd3lm_server(bd3lm_ckpt, tmp_path_factory):
         yield base
 
 
-@pytest.fixture(scope="package")
-def bd3lm_client(bd3lm_server):
+def openai_client(base: str):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{bd3lm_server}/v1", api_key="unused", timeout=300)
+    return OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=300)
+
+
+@pytest.fixture(scope="package")
+def bd3lm_client(bd3lm_server):
+    return openai_client(bd3lm_server)
 
 
 @pytest.fixture(scope="package")
@@ -85,8 +89,6 @@ def sdlm_server(letters_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def sdlm_client(sdlm_server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{sdlm_server}/v1", api_key="unused", timeout=300)
+    return openai_client(sdlm_server)
 
 
