@@ -91,7 +91,8 @@ def test_sdlm_defaults_follow_the_card_example():
         (dict(extra_args={"remasking": "random"}), "remasking"),
         (dict(min_p=0.1), "min_p"),
         (dict(repetition_penalty=1.2), "repetition_penalty"),
-        (dict(logprobs=1), "logprobs"),
+        (dict(logprobs=1, extra_args={"alg": "self_speculative"}), "logprobs"),
+        (dict(prompt_logprobs=1), "prompt_logprobs"),
     ],
 )
 def test_sdlm_bad_values_name_the_parameter(kwargs, param):

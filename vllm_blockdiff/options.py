@@ -65,6 +65,7 @@ class SDLMOptions:
     top_k: int  # <= 0: off
     seed: int | None
     trace: bool = False  # stream every step's window (docs/design.md §10)
+    logprobs: int | None = None  # top-k log-probabilities of each committed token's window row
 
     @property
     def entropy_conf(self) -> bool:
@@ -101,7 +102,7 @@ def _trace_flag(extra: dict) -> bool:
     return bool(trace)
 
 
-def _check_sampling(params: Any, *, allow_top_p_top_k: bool) -> float:
+def _check_sampling(params: Any, *, allow_top_p_top_k: bool, allow_logprobs: bool = False) -> float:
     """Standard sampling fields: the ones outside the algorithm are rejected, naming them."""
     temperature = float(params.temperature)
     _check(temperature >= 0, "temperature must be >= 0", "temperature")
@@ -115,7 +116,9 @@ def _check_sampling(params: Any, *, allow_top_p_top_k: bool) -> float:
            "repetition_penalty")
     _check(not params.min_tokens, "min_tokens is not supported for diffusion decoding", "min_tokens")
     _check(not params.logit_bias, "logit_bias is not supported for diffusion decoding", "logit_bias")
-    _check(params.logprobs is None, "logprobs are not available for diffusion decoding", "logprobs")
+    _check(allow_logprobs or params.logprobs is None,
+           "logprobs are not available for BD3LM: a token commits after steps of bidirectional "
+           "denoising, not from one next-token distribution", "logprobs")
     _check(params.prompt_logprobs is None, "prompt_logprobs are not available for diffusion decoding",
            "prompt_logprobs")
     return temperature
@@ -197,7 +200,10 @@ def resolve_sdlm_options(params: Any, defaults: ModelDefaults) -> SDLMOptions:
         f"threshold must be a finite number >= 0, got {threshold!r}",
         "threshold",
     )
-    temperature = _check_sampling(params, allow_top_p_top_k=True)
+    temperature = _check_sampling(params, allow_top_p_top_k=True, allow_logprobs=True)
+    # A self-speculative token commits from the window of an earlier step (the draft).
+    _check(params.logprobs is None or alg != "self_speculative",
+           "logprobs are available with alg prob_conf and entropy_conf, not self_speculative", "logprobs")
     top_k = params.top_k if params.top_k is not None else 0
     return SDLMOptions(
         alg=alg,
@@ -208,6 +214,7 @@ def resolve_sdlm_options(params: Any, defaults: ModelDefaults) -> SDLMOptions:
         top_k=int(top_k),
         seed=params.seed,
         trace=_trace_flag(extra),
+        logprobs=params.logprobs,
     )
 
 

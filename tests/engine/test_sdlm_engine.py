@@ -224,3 +224,31 @@ def test_self_speculative_mixed_into_a_busy_batch(llm, ref_model):
         # A fallback step is one more 1-token forward than the reference's verify passes.
         fell_back += completion.spec_decode_metrics.histogram != accept_histogram(accept_lengths, D)
     assert fell_back > 0
+
+
+def test_logprobs_are_the_window_rows_of_the_committed_tokens(llm, ref_model):
+    """logprobs=k: each committed token's log-probability (and top-k) in the window row it came from,
+    replayed here from the reference's windows."""
+    import torch
+
+    from tests.reference.sdlm_reference import window_logits
+
+    case = SDLMCase(20, "prob_conf", threshold=0.3)
+    prompt = random_prompt(random.Random(17), 11)
+    [completion] = run(llm, [prompt], case.params(logprobs=2))
+    expected, accept_lengths = case.reference(ref_model, prompt, D)
+    assert_matches_reference(completion, expected, case.max_tokens)
+    committed, checked = list(prompt), 0
+    for n in accept_lengths:
+        rows = torch.log_softmax(window_logits(ref_model, committed, D=D), dim=-1)
+        for j in range(n):
+            if checked == len(completion.token_ids):
+                break
+            token = completion.token_ids[checked]
+            entry = completion.logprobs[checked]
+            assert entry[token].logprob == pytest.approx(rows[j, token].item(), abs=1e-4)
+            assert entry[token].rank == 1  # greedy: the chosen token is the window row's argmax
+            assert set(entry) == {token} | set(rows[j].topk(2).indices.tolist())  # the sampled token + top-2
+            checked += 1
+        committed += expected[len(committed) - len(prompt) :][:n]
+    assert checked == len(completion.token_ids) and max(accept_lengths) > 1

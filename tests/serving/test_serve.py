@@ -171,6 +171,19 @@ def test_sdlm_streams_accepted_prefixes_that_add_up_to_the_text(sdlm_client, let
     assert len([d for d in deltas if d]) == windows < 32  # one delta per forward, several tokens each
 
 
+def test_sdlm_n_seed_and_logprobs(sdlm_client, letters_ckpt):
+    kw = dict(model=str(letters_ckpt), prompt=" a c e", max_tokens=8, temperature=1.0, seed=3, n=2, logprobs=2,
+              extra_body={"vllm_xargs": {"threshold": 0.5}, "return_token_ids": True})
+    a = sdlm_client.completions.create(**kw)
+    b = sdlm_client.completions.create(**kw)
+    assert len(a.choices) == 2 and [c.token_ids for c in a.choices] == [c.token_ids for c in b.choices]
+    for choice in a.choices:
+        logprobs = choice.logprobs
+        assert len(logprobs.token_logprobs) == len(choice.token_ids) == 8
+        assert all(lp <= 0 for lp in logprobs.token_logprobs)
+        assert all(2 <= len(top) <= 3 for top in logprobs.top_logprobs)
+
+
 def test_sdlm_chat_and_stop_string(sdlm_client, letters_ckpt):
     resp = sdlm_client.completions.create(model=str(letters_ckpt), prompt=" a b c d e f g h", max_tokens=30,
                                           temperature=0.0, stop=[" p"], extra_body={"vllm_xargs": {"threshold": 0.5}})

@@ -154,7 +154,7 @@ class BlockDiffRunnerMixin:
                 req_id: {**frame, "position": frame.pop("start") - self.requests[req_id].num_prompt_tokens}
                 for req_id, frame in frames.items()
             }
-        return SamplerOutput(sampled_token_ids=out.to(self.device), logprobs_tensors=None)
+        return SamplerOutput(sampled_token_ids=out.to(self.device), logprobs_tensors=plan.logprobs)
 
     def sample_tokens(self, *args, **kwargs):
         output = super().sample_tokens(*args, **kwargs)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from vllm.v1.outputs import LogprobsTensors
 
 from vllm_blockdiff.algorithms import sdlm
 from vllm_blockdiff.engine.scratch import ScratchPages, slots_of
@@ -66,6 +67,30 @@ def packed_layout_fits(L: int, c: int, defaults: ModelDefaults, scratch: Scratch
     return c + packed_num_scheduled(L, c, D, P) <= defaults.max_model_len and (
         base + scratch.pages_per_region * P <= defaults.max_model_len
     )
+
+
+def committed_logprobs(logits: torch.Tensor, wanted: list, shape: tuple[int, int]) -> LogprobsTensors:
+    """vLLM's sampled-token logprobs for the ``[num_reqs, W]`` output layout: for each committed
+    token, the log-softmax of the window row it came from (raw logits, vLLM's default mode) at the
+    token and its top-k. ``wanted``: (request row, first logits row, tokens, k) per request."""
+    num_reqs, width = shape
+    k_max = max(k for *_, k in wanted)
+    token_ids = torch.zeros((num_reqs * width, k_max + 1), dtype=torch.int32)
+    logprobs = torch.zeros((num_reqs * width, k_max + 1), dtype=torch.float32)
+    ranks = torch.zeros(num_reqs * width, dtype=torch.int32)
+    for req_index, start, tokens, _ in wanted:
+        rows = torch.log_softmax(logits[start : start + len(tokens)].float(), dim=-1)
+        chosen = torch.tensor(tokens, device=rows.device)
+        chosen_lp = rows.gather(-1, chosen[:, None])
+        out = slice(req_index * width, req_index * width + len(tokens))
+        token_ids[out, 0] = chosen.to(torch.int32).cpu()
+        logprobs[out, 0] = chosen_lp.squeeze(-1).cpu()
+        ranks[out] = ((rows > chosen_lp).sum(-1) + 1).to(torch.int32).cpu()
+        if k_max:
+            top = rows.topk(k_max, dim=-1)
+            token_ids[out, 1:] = top.indices.to(torch.int32).cpu()
+            logprobs[out, 1:] = top.values.cpu()
+    return LogprobsTensors(token_ids, logprobs, ranks)
 
 
 @dataclass
@@ -161,19 +186,24 @@ class SDLMSteps:
             requests = [self._window_request(row.length, states[req_id]) for req_id, _, row in windows]
             for (req_id, _, _), tokens in zip(windows, sdlm.commit_windows(window_logits, requests)):
                 committed[req_id] = tokens
-        frames = {}
+        frames, wanted = {}, []
+        window_start = {req_id: start for req_id, start, _ in windows}
         for req_id, rows in grouped.items():
             req_index = rows[0][1].req_index
             # Never past the context: vLLM's runner refuses tokens beyond max_model_len.
             tokens = committed[req_id][: self.defaults.max_model_len - int(num_tokens[req_index])]
             if tokens:
                 out[req_index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+                if states[req_id].options.logprobs is not None:
+                    wanted.append((req_index, window_start[req_id], tokens, states[req_id].options.logprobs))
             state = states[req_id]
             if state.options.trace:
                 start, row = rows[0]
                 window = state.draft if state.draft is not None else logits[start : start + row.length].argmax(-1).tolist()
                 frames[req_id] = {"kind": "sdlm", "start": int(num_tokens[req_index]), "tokens": list(window),
                                   "accepted": len(tokens)}
+        if wanted:
+            plan.logprobs = committed_logprobs(logits, wanted, out.shape)
         return frames
 
     def _window_request(self, num_rows: int, state: SDLMRequestState) -> sdlm.WindowRequest:

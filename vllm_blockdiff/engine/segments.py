@@ -53,7 +53,8 @@ class StepPlan:
     page_overrides: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
     # Tokens whose position, id and KV slot are not the scheduler's (flat index, position, id, slot).
     token_overrides: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
-    num_scratch_requests: int = 0  # SDLM packed verify steps planned so far (scratch regions in use)
+    num_scratch_requests: int = 0  # requests whose rows use scratch regions so far this step
+    logprobs: object = None  # the step's sampled-token LogprobsTensors, when a request asked (SDLM)
 
     def add(self, owner: int, num_query: int, seq_len: int, causal: bool = False,
             pages: tuple[int, np.ndarray] | None = None) -> None:
