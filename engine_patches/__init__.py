@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES = ("input_processor", "metrics_loggers", "openai_completion_serving", "openai_chat_serving")
+PATCHES = (
+    "input_processor",
+    "metrics_loggers",
+    "openai_completion_serving",
+    "openai_chat_serving",
+    "cpu_platform",
+    "ray_executor_v2",
+)
 
 
 def apply_all() -> None:

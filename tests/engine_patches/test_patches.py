@@ -28,6 +28,7 @@ def _patched_symbols():
     from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
     from vllm.v1.metrics.loggers import PrometheusStatLogger
 
     return {
@@ -35,10 +36,12 @@ def _patched_symbols():
         "metrics_loggers": [(PrometheusStatLogger, "__init__")],
         "openai_completion_serving": [(OpenAIServingCompletion, "completion_stream_generator")],
         "openai_chat_serving": [(OpenAIServingChat, "chat_completion_stream_generator")],
+        "ray_executor_v2": [(RayWorkerProc, "get_node_and_physical_gpu_ids"),
+                            (RayExecutorV2, "_get_actor_resource_kwargs")],
     }
 
 
-@pytest.mark.parametrize("name", engine_patches.PATCHES)
+@pytest.mark.parametrize("name", [n for n in engine_patches.PATCHES if n != "cpu_platform"])
 def test_patch_is_applied_once(name):
     engine_patches.apply_all()
     patched = [getattr(owner, attr) for owner, attr in _patched_symbols()[name]]
@@ -88,3 +91,10 @@ def test_metrics_loggers_patch_refuses_a_changed_upstream_signature(monkeypatch)
     monkeypatch.setattr(metrics_loggers.upstream, "PrometheusStatLogger", FreshLogger)
     with pytest.raises(RuntimeError, match="changed upstream"):
         metrics_loggers.apply()
+
+
+def test_cpu_platform_declares_a_ray_resource():
+    from vllm.platforms.cpu import CpuPlatform
+
+    engine_patches.apply_all()
+    assert CpuPlatform.ray_device_key == "CPU"

@@ -93,7 +93,13 @@ class BlockDiffRunnerMixin:
         self._plan = plan
         if plan.token_overrides:
             self._override_tokens(plan)
-        logits_indices = torch.from_numpy(plan.logits_indices()).to(self.device)
+        indices = plan.logits_indices()
+        if not len(indices):
+            # A step without canvases or windows needs no logits, but tensor-parallel ranks gather
+            # them anyway, and the CPU communicator's shared-memory all-gather dies (SIGFPE) on an
+            # empty tensor: compute one row nobody reads.
+            indices = np.zeros(1, dtype=np.int64)
+        logits_indices = torch.from_numpy(indices).to(self.device)
         max_rows = max((c.length for c in plan.canvases), default=1)
         return logits_indices, None, max_rows
 

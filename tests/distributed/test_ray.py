@@ -1,0 +1,74 @@
+"""Ray-distributed serving on CPU: tensor parallelism over a local Ray cluster started here.
+
+vLLM refuses Ray on its CPU platform upstream; ``engine_patches/cpu_platform.py`` and
+``ray_executor_v2.py`` let its Ray executor place CPU workers (gloo between them). Each Ray worker
+loads the plugin by entry point like any vLLM process (the worker class is ours). Outputs must be
+the single-worker outputs, which the reference decoders define, token for token.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import ray
+
+from tests.conftest import make_llm, random_prompt, truncate_at_stop
+from tests.reference import load_reference_model
+from tests.reference.bd3lm_reference import generate_bd3lm
+from tests.reference.sdlm_reference import generate_sdlm
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=4, include_dashboard=False)
+    previous = os.environ.get("RAY_ADDRESS")
+    # The engine core runs in its own process and must join this cluster, not start another.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    yield
+    ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = previous
+
+
+def tensor_parallel_llm(ckpt):
+    return make_llm(ckpt, tensor_parallel_size=2, distributed_executor_backend="ray", max_model_len=512,
+                    kv_cache_memory_bytes=128 << 20)
+
+
+def test_bd3lm_tensor_parallel_over_ray_is_the_single_worker_output(ray_cluster, bd3lm_ckpt, reference_threads):
+    from vllm import SamplingParams
+
+    rng = random.Random(0)
+    prompts = [random_prompt(rng, rng.randint(3, 60)) for _ in range(6)]
+    llm = tensor_parallel_llm(bd3lm_ckpt)
+    try:
+        assert llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend == "ray"
+        params = SamplingParams(max_tokens=40, temperature=0.0, extra_args={"steps": 20, "block_size": 16})
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    model = load_reference_model(bd3lm_ckpt)
+    for prompt, out in zip(prompts, outs):
+        expected = generate_bd3lm(model, prompt, max_new_tokens=40, steps=20, block_size=16, eos_ids=(151645,))
+        assert list(out.outputs[0].token_ids) == truncate_at_stop(expected)
+
+
+def test_sdlm_tensor_parallel_over_ray_is_the_single_worker_output(ray_cluster, sdlm4_ckpt, reference_threads):
+    from tests.engine.sdlm_cases import SDLMCase, assert_matches_reference
+
+    rng = random.Random(1)
+    cases = [SDLMCase(24, "prob_conf", 0.3), SDLMCase(24, "entropy_conf", 0.9), SDLMCase(24, "self_speculative"),
+             SDLMCase(24, "prob_conf", 0.0), SDLMCase(24, "prob_conf", 0.6, temperature=0.8, seed=5)]
+    prompts = [random_prompt(rng, rng.randint(3, 60)) for _ in cases]
+    llm = tensor_parallel_llm(sdlm4_ckpt)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [c.params() for c in cases], use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    model = load_reference_model(sdlm4_ckpt)
+    for case, prompt, out in zip(cases, prompts, outs):
+        assert_matches_reference(out.outputs[0], case.reference(model, prompt, 4)[0], case.max_tokens)
