@@ -16,7 +16,7 @@ import requests
 from tests.conftest import random_prompt
 from tests.reference import load_reference_model
 from tests.reference.bd3lm_reference import generate_bd3lm
-from tests.serving.conftest import kv_cache_usage
+from tests.serving.server import kv_cache_usage
 
 MASK_TEXTS = ("<|mask|>", "<text_mask>")
 
