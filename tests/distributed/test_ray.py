@@ -18,7 +18,7 @@ import requests
 from tests.conftest import make_llm, random_prompt, truncate_at_stop
 from tests.reference import load_reference_model
 from tests.reference.bd3lm_reference import generate_bd3lm
-from tests.serving.server import vllm_serve
+from tests.serving.server import stream_choices, vllm_serve
 
 
 def tensor_parallel_llm(ckpt):
@@ -104,6 +104,12 @@ def test_sdlm_vllm_serve_tensor_parallel_over_ray(ray_cluster, sdlm4_ckpt, tmp_p
               for c, p in zip(cases, prompts)]
     with vllm_serve(sdlm4_ckpt, tmp_path / "serve.log", TENSOR_PARALLEL_OVER_RAY) as base:
         outs = complete_concurrently(base, bodies)
+        # Trace frames ride the runner's output through the Ray executor too.
+        traced = dict(bodies[0], vllm_xargs=dict(bodies[0]["vllm_xargs"], trace=True))
+        chunks = stream_choices(base, traced)
     model = load_reference_model(sdlm4_ckpt)
     for case, prompt, out in zip(cases, prompts, outs):
         assert_matches_reference(out, case.reference(model, prompt, 4)[0], case.max_tokens)
+    frames = [c["blockdiff_trace"][0] for c in chunks if "blockdiff_trace" in c]
+    assert [f["step"] for f in frames] == list(range(1, len(frames) + 1))
+    assert sum(f["accepted"] for f in frames) >= len(outs[0].token_ids) - 1  # a final eos may end a window early

@@ -185,3 +185,16 @@ def test_killing_a_replica_mid_load_leaves_the_other_answering(serve_app, ray_cl
     assert_single_worker_outputs(outcomes, expected)
     served = wait_for_finished_counts(ray_cluster.metrics_url, before, 16)
     assert set(served) == replacement | {survivor}, served
+
+
+def test_build_app_reads_cli_values_as_engine_arguments():
+    from vllm_blockdiff.ray_serve import _parse, build_app, llm_config
+
+    assert [_parse(v) for v in ("2", "0.5", "true", "float32", "/ckpt")] == [2, 0.5, True, "float32", "/ckpt"]
+    config = llm_config("/ckpt", num_replicas=3, tensor_parallel_size=2, max_model_len=512)
+    assert config.model_id == "/ckpt" and config.deployment_config["num_replicas"] == 3
+    assert config.engine_kwargs == {"tensor_parallel_size": 2, "max_model_len": 512}
+    # A CPU-only vLLM: one Ray CPU per worker (Ray Serve LLM then picks its CPU accelerator).
+    assert config.placement_group_config["bundles"] == [{"CPU": 1}, {"CPU": 1}]
+    with pytest.raises(ValueError, match="model="):
+        build_app({"num_replicas": "2"})

@@ -4,6 +4,7 @@ distributed tests)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -62,3 +63,14 @@ def openai_client(base: str):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=300)
+
+
+def stream_choices(base: str, payload: dict) -> list[dict]:
+    """POST a streamed /v1/completions request; every chunk's first choice, in order."""
+    chunks = []
+    with requests.post(f"{base}/v1/completions", json=dict(payload, stream=True), stream=True, timeout=300) as resp:
+        assert resp.status_code == 200, resp.text
+        for line in resp.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunks.append(json.loads(line[6:])["choices"][0])
+    return chunks

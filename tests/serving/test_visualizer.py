@@ -4,7 +4,6 @@ shows after every frame."""
 
 from __future__ import annotations
 
-import json
 import os
 import pty
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pyte
 import requests
+
+from tests.serving.server import stream_choices
 
 REPO = Path(__file__).resolve().parents[2]
 VISUALIZER = REPO / "examples" / "visualize_denoising.py"
@@ -57,16 +58,12 @@ def body(snapshot: list[str]) -> str:
 
 def test_trace_frames_precede_their_text_and_leave_the_text_unchanged(sdlm_server, letters_ckpt):
     payload = {"model": str(letters_ckpt), "prompt": " a c e g i k", "max_tokens": 16, "temperature": 0,
-               "stream": True, "vllm_xargs": {"threshold": 0.9, "trace": True}}
-    chunks = []
-    with requests.post(f"{sdlm_server}/v1/completions", json=payload, stream=True, timeout=120) as resp:
-        for line in resp.iter_lines():
-            if line.startswith(b"data: ") and line != b"data: [DONE]":
-                chunks.append(json.loads(line[6:])["choices"][0])
+               "vllm_xargs": {"threshold": 0.9, "trace": True}}
+    chunks = stream_choices(sdlm_server, payload)
     frames = [c["blockdiff_trace"][0] for c in chunks if "blockdiff_trace" in c]
     texts = [c["text"] for c in chunks if "blockdiff_trace" not in c]
     plain = requests.post(f"{sdlm_server}/v1/completions", timeout=120,
-                          json={**payload, "stream": False}).json()["choices"][0]["text"]
+                          json=payload).json()["choices"][0]["text"]
     assert "".join(texts) == plain
     assert [f["step"] for f in frames] == list(range(1, len(frames) + 1)) and frames[0]["position"] == 0
     for frame in frames:  # each frame comes right before the text of its step: its accepted prefix
