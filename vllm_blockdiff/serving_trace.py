@@ -15,7 +15,8 @@ committed. A frame's chunk comes before the text chunk of the same step, so a cl
 
 Frames travel from the runner (``ModelRunnerOutput.blockdiff_trace``) through the scheduler into
 the step's ``EngineCoreOutput.kv_transfer_params["blockdiff_trace"]`` (vLLM forwards that dict
-into each ``RequestOutput``); ``engine_patches/openai_serving.py`` turns them into chunks here.
+into each ``RequestOutput``); ``engine_patches/openai_completion_serving.py`` and
+``openai_chat_serving.py`` turn them into chunks with the helpers here.
 """
 
 from __future__ import annotations

@@ -34,5 +34,3 @@ def sdlm_server(letters_ckpt, tmp_path_factory):
 @pytest.fixture(scope="package")
 def sdlm_client(sdlm_server):
     return openai_client(sdlm_server)
-
-

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vllm_blockdiff.algorithms import bd3lm
-from vllm_blockdiff.engine.scratch import ScratchPages, slots_of
+from vllm_blockdiff.engine.scratch import ScratchUser, slots_of
 from vllm_blockdiff.engine.segments import CanvasRow, StepPlan, add_block_causal_segments
 from vllm_blockdiff.options import BD3LMOptions, ModelDefaults, resolve_bd3lm_options
 
@@ -52,19 +52,15 @@ class BD3LMRequestState:
     chunk: ChunkState | None = None
 
 
-class BD3LMSteps:
+class BD3LMSteps(ScratchUser):
     """The BD3LM family's part of :class:`~vllm_blockdiff.engine.runner.BlockDiffRunnerMixin`."""
 
     def __init__(self, defaults: ModelDefaults, vllm_config):
+        super().__init__(vllm_config)
         self.defaults = defaults
         self.mask_id = defaults.mask_token_id
-        self.scratch = ScratchPages.for_config(vllm_config)
         self.page = self.scratch.page_size
-        self.scratch_first_page: int | None = None  # known once the KV cache exists
         self.uncond_filled = 0  # the shared all-mask prefix is computed up to here
-
-    def kv_cache_ready(self, kv_cache_config) -> None:
-        self.scratch_first_page = kv_cache_config.num_blocks - self.scratch.num_pages
 
     def new_state(self, params, generator: torch.Generator) -> BD3LMRequestState:
         return BD3LMRequestState(resolve_bd3lm_options(params, self.defaults), generator, params.eos_token_id)
@@ -121,10 +117,7 @@ class BD3LMSteps:
         """The canvas again, over the shared all-mask prefix and this request's all-mask tail."""
         n = len(state.chunk.canvas)
         page_start = T // self.page * self.page
-        slot = plan.num_scratch_requests
-        plan.num_scratch_requests += 1
-        assert slot < self.scratch.num_requests, "the scheduler guides at most num_requests requests per step"
-        region = self.scratch.region(self.scratch_first_page, slot, 0)
+        region = self.scratch.region(self.scratch_first_page, self.claim_request_slot(plan), 0)
         used = -(-(T + n - page_start) // self.page)
         pages = np.concatenate([self.scratch.shared(self.scratch_first_page)[: page_start // self.page],
                                 region[:used]])

@@ -23,8 +23,7 @@ from vllm_blockdiff.config import model_defaults
 from vllm_blockdiff.engine.scratch import ScratchPages
 from vllm_blockdiff.engine.sdlm import StepKind, packed_layout_fits, packed_num_scheduled
 from vllm_blockdiff.options import BD3LMOptions, resolve_bd3lm_options, resolve_sdlm_options
-
-TRACE_KEY = "blockdiff_trace"
+from vllm_blockdiff.serving_trace import TRACE_KEY
 
 
 class BlockDiffScheduler(Scheduler):

@@ -59,6 +59,25 @@ class ScratchPages:
         return cls(P, math.ceil(max_model_len / P), 1, math.ceil((P - 1 + B) / P), requests)
 
 
+class ScratchUser:
+    """Base of a family's runner steps that place rows in scratch pages (``SDLMSteps``,
+    ``BD3LMSteps``): the pool's size comes from the config, its first page from the KV cache."""
+
+    def __init__(self, vllm_config):
+        self.scratch = ScratchPages.for_config(vllm_config)
+        self.scratch_first_page: int | None = None  # known once the KV cache exists
+
+    def kv_cache_ready(self, kv_cache_config) -> None:
+        self.scratch_first_page = kv_cache_config.num_blocks - self.scratch.num_pages
+
+    def claim_request_slot(self, plan) -> int:
+        """The next request slot of this step's scratch regions (``StepPlan.num_scratch_requests``)."""
+        slot = plan.num_scratch_requests
+        assert slot < self.scratch.num_requests, "the scheduler gives scratch rows to at most num_requests per step"
+        plan.num_scratch_requests += 1
+        return slot
+
+
 def slots_of(positions: np.ndarray, pages: np.ndarray, first_position: int, page_size: int) -> np.ndarray:
     """KV slots of ``positions`` laid out from ``first_position`` over ``pages``."""
     offset = positions - first_position

@@ -41,7 +41,7 @@ import torch
 from vllm.v1.outputs import LogprobsTensors
 
 from vllm_blockdiff.algorithms import sdlm
-from vllm_blockdiff.engine.scratch import ScratchPages, slots_of
+from vllm_blockdiff.engine.scratch import ScratchPages, ScratchUser, slots_of
 from vllm_blockdiff.engine.segments import CanvasRow, StepPlan
 from vllm_blockdiff.options import ModelDefaults, SDLMOptions, resolve_sdlm_options
 
@@ -100,17 +100,13 @@ class SDLMRequestState:
     draft: list[int] | None = None  # self_speculative: predictions awaiting verification
 
 
-class SDLMSteps:
+class SDLMSteps(ScratchUser):
     """The SDLM family's part of :class:`~vllm_blockdiff.engine.runner.BlockDiffRunnerMixin`."""
 
     def __init__(self, defaults: ModelDefaults, vllm_config):
+        super().__init__(vllm_config)
         self.defaults = defaults
         self.D = defaults.block_size
-        self.scratch = ScratchPages.for_config(vllm_config)
-        self.scratch_first_page: int | None = None  # known once the KV cache exists
-
-    def kv_cache_ready(self, kv_cache_config) -> None:
-        self.scratch_first_page = kv_cache_config.num_blocks - self.scratch.num_pages
 
     def new_state(self, params, generator: torch.Generator) -> SDLMRequestState:
         return SDLMRequestState(resolve_sdlm_options(params, self.defaults), generator)
@@ -142,15 +138,13 @@ class SDLMSteps:
         draft = state.draft
         num_causal = L - computed + D - 1  # uncached committed tokens + drafts y_0..y_{D-2}
         plan.add(req_index, num_causal, L + D - 1, causal=True)
-        base = (L // P) * P
+        first_page = L // P  # verify rows keep the request's pages below it
+        base = first_page * P
         tail = [int(t) for t in token_ids[base:L]]
         k = offset + num_causal
-        slot = plan.num_scratch_requests
-        plan.num_scratch_requests += 1
-        assert slot < scratch.num_requests, "the scheduler packs at most num_requests requests per step"
+        slot = self.claim_request_slot(plan)
         for i in range(D):
             pages = scratch.region(self.scratch_first_page, slot, i)
-            first_page = base // P
             dup = tail + draft[:i]
             window = [draft[i]] + [self.defaults.mask_token_id] * (D - 1)
             positions = np.arange(base, L + i + D)
