@@ -38,7 +38,8 @@ def _defaults(processor):
     return cached
 
 
-def _validate(processor, params, prompt_len: int | None = None) -> None:
+def validate(processor, params, prompt_len: int | None = None) -> None:
+    """The admission check for one request of ours (nothing for other models)."""
     defaults = _defaults(processor)
     if defaults and hasattr(params, "extra_args"):
         from vllm_blockdiff.options import OptionError, validate_request
@@ -69,13 +70,13 @@ def apply() -> None:
 
     def _validate_params(self, params, supported_tasks):
         result = original(self, params, supported_tasks)
-        _validate(self, params)
+        validate(self, params)
         return result
 
     def process_inputs(self, *args, **kwargs):
         request = original_process(self, *args, **kwargs)
         if request.sampling_params is not None and request.prompt_token_ids is not None:
-            _validate(self, request.sampling_params, len(request.prompt_token_ids))
+            validate(self, request.sampling_params, len(request.prompt_token_ids))
         return request
 
     _validate_params._blockdiff_patched = True

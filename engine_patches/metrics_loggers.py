@@ -1,4 +1,4 @@
-"""Count SDLM windows in vLLM's Prometheus spec-decode counters.
+"""Count SDLM windows and BD3LM denoising forwards in vLLM's Prometheus spec-decode counters.
 
 Target: ``vllm.v1.metrics.loggers.PrometheusStatLogger.__init__`` (its ``spec_decoding_prom``,
 a ``vllm.v1.spec_decode.metrics.SpecDecodingProm``).
@@ -9,14 +9,15 @@ ships to the front end, but ``SpecDecodingProm`` only creates its counters when 
 ``--speculative-config`` is given, so the numbers were dropped. With the counters on,
 ``vllm:spec_decode_num_drafts`` counts windows, ``..._num_accepted_tokens`` the tokens committed
 beyond the first, and ``1 + accepted / drafts`` is the tokens committed per forward.
-How: keep the original ``__init__``, call it, then, for an SDLM checkpoint without a speculative
-config, rebuild ``spec_decoding_prom`` with a stand-in config saying ``num_speculative_tokens =
-D - 1`` (the only field it reads).
+How: keep the original ``__init__``, call it, then, for our checkpoints (no speculative config is
+allowed with them), rebuild ``spec_decoding_prom`` with a stand-in config saying
+``num_speculative_tokens = D - 1`` (SDLM) or ``block_size - 1`` (BD3LM's served block; the only
+field it reads).
 Upstream PR: none; removable if vLLM lets a model declare draft-style statistics without a
 speculative config.
 Drift guard: raises at apply time if ``SpecDecodingProm.__init__`` no longer takes
 ``(speculative_config, labelnames, per_engine_labelvalues, is_diffusion)`` or the logger loses
-``per_engine_labelvalues``; ``tests/engine/test_sdlm_trained.py`` reads the counters end to end.
+``per_engine_labelvalues``; ``tests/engine/test_sdlm_trained.py`` and ``tests/serving`` read the counters end to end.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def apply() -> None:
     def __init__(self, vllm_config, *args, **kwargs):
         original(self, vllm_config, *args, **kwargs)
         hf_config = vllm_config.model_config.hf_config
-        if getattr(hf_config, "blockdiff_family", None) != "sdlm" or vllm_config.speculative_config is not None:
+        if getattr(hf_config, "blockdiff_family", None) is None or vllm_config.speculative_config is not None:
             return
         if not hasattr(self, "per_engine_labelvalues"):
             raise RuntimeError(

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 
 def apply() -> None:
-    try:
-        from vllm.v1.executor import ray_executor_v2 as upstream
-    except ImportError:  # ray is optional
-        return
+    from vllm.v1.executor import ray_executor_v2 as upstream
+
     executor, worker = upstream.RayExecutorV2, upstream.RayWorkerProc
     resources = executor.__dict__.get("_get_actor_resource_kwargs")
     node_ids = worker.__dict__.get("get_node_and_physical_gpu_ids")

@@ -31,7 +31,12 @@ def test_card_defaults():
         (dict(extra_args={"block_size": 256}), "block_size"),
         (dict(extra_args={"remasking": "entropy"}), "remasking"),
         (dict(extra_args={"cfg_scale": -1}), "cfg_scale"),
-        (dict(extra_args={"threshold": 0.9}), "threshold"),
+        (dict(extra_args={"threshold": 1.5}), "threshold"),
+        (dict(extra_args={"threshold": "high"}), "threshold"),
+        (dict(extra_args={"factor": 0}), "factor"),
+        (dict(extra_args={"factor": float("nan")}), "factor"),
+        (dict(extra_args={"threshold": 0.9, "factor": 1.0}), "factor"),
+        (dict(extra_args={"threshold": 0.9, "remasking": "random"}), "threshold"),
         (dict(top_p=0.9), "top_p"),
         (dict(top_k=5), "top_k"),
         (dict(presence_penalty=0.5), "presence_penalty"),
@@ -43,6 +48,14 @@ def test_bad_values_name_the_parameter(kwargs, param):
         resolve_bd3lm_options(SamplingParams(max_tokens=16, **kwargs), DEFAULTS)
     assert err.value.parameter == param
     assert param in str(err.value)
+
+
+def test_parallel_decoding_options():
+    opts = resolve_bd3lm_options(SamplingParams(max_tokens=16, extra_args={"threshold": 0.9}), DEFAULTS)
+    assert (opts.threshold, opts.factor) == (0.9, None)
+    opts = resolve_bd3lm_options(SamplingParams(max_tokens=16, extra_args={"factor": 2}), DEFAULTS)
+    assert (opts.threshold, opts.factor) == (None, 2.0)
+    assert resolve_bd3lm_options(SamplingParams(max_tokens=16), DEFAULTS).threshold is None
 
 
 def test_guidance_needs_room_in_the_context():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 
+from vllm_blockdiff import __version__
+from vllm_blockdiff.compat import tested_range, version_status, vllm_version
 from vllm_blockdiff.options import ModelDefaults
 
 logger = init_logger(__name__)
@@ -62,6 +64,82 @@ SCHEDULERS = {
     "bd3lm": "vllm_blockdiff.engine.scheduler.BD3LMScheduler",
     "sdlm": "vllm_blockdiff.engine.scheduler.SDLMScheduler",
 }
+CPU_WORKER = "vllm_blockdiff.engine.worker.BlockDiffCPUWorker"
+GPU_WORKER = "vllm_blockdiff.engine.gpu_worker.BlockDiffGPUWorker"
+
+
+def _check_vllm_version() -> str:
+    version = vllm_version()
+    status = version_status(version)
+    if status == "unsupported":
+        raise ValueError(
+            f"vllm_blockdiff needs vLLM {tested_range()}; this is vLLM {version}, whose engine internals "
+            "the plugin's scheduler and runner do not match"
+        )
+    if status == "untested":
+        logger.warning(
+            "vllm_blockdiff %s is tested with vLLM %s; this is vLLM %s: serving may break in ways the "
+            "tests did not see", __version__, tested_range(), version,
+        )
+    return version
+
+
+def _is_ours(value, ours: str) -> bool:
+    """A user's class setting that names our class or a subclass of it."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    if value == ours:
+        return True
+    try:
+        cls = resolve_obj_by_qualname(value) if isinstance(value, str) else value
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, resolve_obj_by_qualname(ours))
+
+
+def refuse_incompatible_settings(vllm_config, family: str) -> None:
+    """Engine settings our models cannot run with raise here, naming them, instead of being
+    replaced or of silently running vLLM's own (wrong, for a diffusion model) code path."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    sched, parallel, model = vllm_config.scheduler_config, vllm_config.parallel_config, vllm_config.model_config
+    worker = CPU_WORKER if current_platform.is_cpu() else GPU_WORKER
+    problems = []
+    if sched.scheduler_cls is not None and not _is_ours(sched.scheduler_cls, SCHEDULERS[family]):
+        problems.append(f"--scheduler-cls {sched.scheduler_cls}: {family} requests need "
+                        f"{SCHEDULERS[family]} (or a subclass), which claims their mask slots")
+    if parallel.worker_cls != "auto" and not _is_ours(parallel.worker_cls, worker):
+        problems.append(f"--worker-cls {parallel.worker_cls}: {family} needs {worker} (or a subclass), "
+                        "which builds the diffusion model runner; another worker would run vLLM's "
+                        "autoregressive runner and produce garbage")
+    if sched.async_scheduling:
+        problems.append("--async-scheduling: each step's commits decide the next step's input, so "
+                        "nothing can be scheduled ahead")
+    if vllm_config.speculative_config is not None:
+        problems.append("--speculative-config: the mask slots use vLLM's draft-token path themselves "
+                        "(SDLM offers alg=self_speculative instead)")
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+        problems.append("VLLM_USE_V2_MODEL_RUNNER=1: the diffusion runner extends the V1 model runner")
+    if getattr(vllm_config, "watermark_config", None) is not None:
+        problems.append("--watermark-config: watermarking needs Model Runner V2 and vLLM's sampler")
+    if model.logits_processors:
+        problems.append(f"--logits-processors {model.logits_processors}: diffusion decoding does not run "
+                        "vLLM's sampler, so custom logits processors would be ignored")
+    if model.enable_prompt_embeds:
+        problems.append("--enable-prompt-embeds: canvas and window slots are token ids")
+    cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
+    if cudagraph_mode is not None and cudagraph_mode.has_full_cudagraphs():
+        problems.append(f"cudagraph_mode {cudagraph_mode.name}: attention rows are segments, not "
+                        "requests, so only PIECEWISE CUDA graphs are valid")
+    import engine_patches
+
+    for name, err in engine_patches.FAILED.items():
+        problems.append(f"engine patch {name} did not apply ({err})")
+    if problems:
+        raise ValueError(f"{model.model}: these engine settings cannot serve a {family} checkpoint:\n  - "
+                         + "\n  - ".join(problems))
 
 
 class BlockDiffusionConfigHook:
@@ -78,6 +156,8 @@ class BlockDiffusionConfigHook:
         model_config = vllm_config.model_config
         hf_config = model_config.hf_config
         family = family_of(model_config.architectures)
+        version = _check_vllm_version()
+        refuse_incompatible_settings(vllm_config, family)
         hf_config.blockdiff_family = family
         hf_config.blockdiff_mask_token_id = _resolve_mask_token_id(model_config)
         # BD3LM: the hub's configs carry no block size (the card's default 32 applies); honour one if
@@ -104,11 +184,7 @@ class BlockDiffusionConfigHook:
 
         parallel = vllm_config.parallel_config
         if parallel.worker_cls == "auto":
-            parallel.worker_cls = (
-                "vllm_blockdiff.engine.worker.BlockDiffCPUWorker"
-                if current_platform.is_cpu()
-                else "vllm_blockdiff.engine.gpu_worker.BlockDiffGPUWorker"
-            )
+            parallel.worker_cls = CPU_WORKER if current_platform.is_cpu() else GPU_WORKER
         if not current_platform.is_cpu():
             _use_v1_runner_with_piecewise_graphs(vllm_config)
             if family == "sdlm":
@@ -125,7 +201,10 @@ class BlockDiffusionConfigHook:
                 cache.block_size = SDLM_CPU_KV_PAGE_SIZE
                 cache.user_specified_block_size = True
         logger.info(
-            "vllm_blockdiff: %s checkpoint, mask id %d, KV page %d, worker %s",
+            "vllm_blockdiff %s on vLLM %s (tested: %s): %s checkpoint, mask id %d, KV page %d, worker %s",
+            __version__,
+            version,
+            tested_range(),
             hf_config.blockdiff_family,
             hf_config.blockdiff_mask_token_id,
             cache.block_size,
@@ -146,7 +225,7 @@ def _use_v1_runner_with_piecewise_graphs(vllm_config) -> None:
 
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     compilation = vllm_config.compilation_config
-    if compilation.cudagraph_mode != CUDAGraphMode.NONE:
+    if compilation.cudagraph_mode is None:  # a user's FULL mode was refused above; NONE is kept
         compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 

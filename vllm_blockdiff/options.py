@@ -12,7 +12,7 @@ from typing import Any
 from vllm_blockdiff.algorithms import sdlm
 from vllm_blockdiff.algorithms.bd3lm import REMASKING_MODES
 
-BD3LM_OPTION_NAMES = ("steps", "block_size", "remasking", "cfg_scale", "trace")
+BD3LM_OPTION_NAMES = ("steps", "block_size", "remasking", "cfg_scale", "threshold", "factor", "trace")
 SDLM_OPTION_NAMES = ("alg", "threshold", "trace")
 
 
@@ -47,6 +47,8 @@ class BD3LMOptions:
     temperature: float
     seed: int | None
     trace: bool = False  # stream every step's canvas (docs/design.md §10)
+    threshold: float | None = None  # parallel decoding: also commit every masked position above it
+    factor: float | None = None  # parallel decoding, Fast-dLLM's factor rule
 
     @property
     def steps_per_block(self) -> int:
@@ -86,7 +88,12 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_unknown(extra: dict, known: tuple[str, ...], family: str) -> None:
+    from vllm_blockdiff.request_fields import OPENAI_FIELDS
+
     unknown = sorted(set(extra) - set(known))
+    for name in unknown:  # request fields vLLM passes through extra_args (kv_transfer_params, ...)
+        if name in OPENAI_FIELDS:
+            _check(False, f"{name} is not supported for {family} decoding: {OPENAI_FIELDS[name].note}", name)
     _check(
         not unknown,
         f"unknown diffusion option(s) {unknown}; {family} accepts {list(known)}",
@@ -102,25 +109,41 @@ def _trace_flag(extra: dict) -> bool:
     return bool(trace)
 
 
-def _check_sampling(params: Any, *, allow_top_p_top_k: bool, allow_logprobs: bool = False) -> float:
-    """Standard sampling fields: the ones outside the algorithm are rejected, naming them."""
+def _unset_value(name: str):
+    from vllm import SamplingParams
+
+    global _DEFAULT_PARAMS
+    if _DEFAULT_PARAMS is None:
+        _DEFAULT_PARAMS = SamplingParams()
+    return getattr(_DEFAULT_PARAMS, name, None)
+
+
+_DEFAULT_PARAMS = None
+
+
+def _is_set(params: Any, name: str) -> bool:
+    value = getattr(params, name, None)
+    return value not in (None, [], {}, ()) and value != _unset_value(name)
+
+
+def check_request_fields(params: Any, family: str) -> None:
+    """Refuse, naming it, every standard field the family's decoder cannot honour
+    (``request_fields.SAMPLING_FIELDS``), and every field that table does not know."""
+    from vllm_blockdiff.request_fields import REFUSED, SAMPLING_FIELDS
+
+    for name in getattr(type(params), "__struct_fields__", ()):
+        rule = SAMPLING_FIELDS.get(name)
+        if rule is None:
+            _check(not _is_set(params, name), f"{name} is not supported by vllm_blockdiff (a field it does "
+                   "not know; it would be ignored)", name)
+        elif rule.status(family) == REFUSED:
+            _check(not _is_set(params, name), f"{name} is not supported for {family.upper()} decoding: "
+                   f"{rule.refusal or rule.note}", name)
+
+
+def _temperature(params: Any) -> float:
     temperature = float(params.temperature)
     _check(temperature >= 0, "temperature must be >= 0", "temperature")
-    if not allow_top_p_top_k:
-        _check(params.top_p == 1.0, "top_p is not part of BD3LM decoding; leave it at 1.0", "top_p")
-        _check(params.top_k in (0, -1, None), "top_k is not part of BD3LM decoding; leave it unset", "top_k")
-    _check(params.min_p == 0.0, "min_p is not part of block-diffusion decoding; leave it at 0", "min_p")
-    for name in ("presence_penalty", "frequency_penalty"):
-        _check(getattr(params, name) == 0.0, f"{name} is not supported for diffusion decoding", name)
-    _check(params.repetition_penalty == 1.0, "repetition_penalty is not supported for diffusion decoding",
-           "repetition_penalty")
-    _check(not params.min_tokens, "min_tokens is not supported for diffusion decoding", "min_tokens")
-    _check(not params.logit_bias, "logit_bias is not supported for diffusion decoding", "logit_bias")
-    _check(allow_logprobs or params.logprobs is None,
-           "logprobs are not available for BD3LM: a token commits after steps of bidirectional "
-           "denoising, not from one next-token distribution", "logprobs")
-    _check(params.prompt_logprobs is None, "prompt_logprobs are not available for diffusion decoding",
-           "prompt_logprobs")
     return temperature
 
 
@@ -174,8 +197,21 @@ def resolve_bd3lm_options(params: Any, defaults: ModelDefaults) -> BD3LMOptions:
         "cfg_scale",
     )
 
-    temperature = _check_sampling(params, allow_top_p_top_k=False)
+    check_request_fields(params, "bd3lm")
+    threshold, factor = extra.get("threshold"), extra.get("factor")
+    _check(threshold is None or factor is None, "threshold and factor are two parallel-decoding rules; "
+           "give one of them", "factor")
+    _check(threshold is None or (_is_number(threshold) and 0 <= threshold <= 1),
+           f"threshold must be a number in [0, 1] (a confidence), got {threshold!r}", "threshold")
+    _check(factor is None or (_is_number(factor) and factor > 0),
+           f"factor must be a number > 0, got {factor!r}", "factor")
+    _check(remasking == "low_confidence" or (threshold is None and factor is None),
+           "threshold and factor compare the model's confidence; they need remasking low_confidence",
+           "threshold" if threshold is not None else "factor")
+    temperature = _temperature(params)
     return BD3LMOptions(
+        threshold=None if threshold is None else float(threshold),
+        factor=None if factor is None else float(factor),
         steps=steps,
         block_size=block_size,
         remasking=remasking,
@@ -200,7 +236,8 @@ def resolve_sdlm_options(params: Any, defaults: ModelDefaults) -> SDLMOptions:
         f"threshold must be a finite number >= 0, got {threshold!r}",
         "threshold",
     )
-    temperature = _check_sampling(params, allow_top_p_top_k=True, allow_logprobs=True)
+    check_request_fields(params, "sdlm")
+    temperature = _temperature(params)
     # A self-speculative token commits from the window of an earlier step (the draft).
     _check(params.logprobs is None or alg != "self_speculative",
            "logprobs are available with alg prob_conf and entropy_conf, not self_speculative", "logprobs")

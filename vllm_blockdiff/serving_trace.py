@@ -26,6 +26,8 @@ import inspect
 import json
 from collections.abc import AsyncIterator, Callable
 
+from engine_patches._common import serves_ours
+
 TRACE_KEY = "blockdiff_trace"
 
 
@@ -116,7 +118,7 @@ def patch_stream_generator(cls, name: str, needed: set[str], output_of: Callable
     def stream_generator(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         request = bound.arguments["request"]
-        if not wants_trace(request):
+        if not wants_trace(request) or not serves_ours(getattr(self, "model_config", None)):
             return original(self, *args, **kwargs)
         n = getattr(request, "n", None) or 1
         tokenizer = bound.arguments["tokenizer"]

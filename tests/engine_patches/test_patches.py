@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 
 import pytest
@@ -13,8 +14,13 @@ REQUIRED_DOC_FIELDS = ("Target:", "Why:", "How:", "Upstream PR:", "Drift guard:"
 
 
 def test_every_patch_module_is_registered():
-    modules = {m.name for m in pkgutil.iter_modules(engine_patches.__path__)}
+    modules = {m.name for m in pkgutil.iter_modules(engine_patches.__path__) if not m.name.startswith("_")}
     assert modules == set(engine_patches.PATCHES)
+
+
+@pytest.mark.parametrize("name", engine_patches.PATCHES)
+def test_patch_targets_exist(name):
+    assert importlib.util.find_spec(engine_patches.PATCHES[name].target) is not None
 
 
 @pytest.mark.parametrize("name", engine_patches.PATCHES)
@@ -27,12 +33,18 @@ def test_patch_is_documented(name):
 def _patched_symbols():
     from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
+    from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+    from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
     from vllm.v1.metrics.loggers import PrometheusStatLogger
 
     return {
         "input_processor": [(InputProcessor, "_validate_params"), (InputProcessor, "process_inputs")],
+        "async_llm": [(AsyncLLM, "generate")],
+        "beam_search_online": [(BeamSearchOnlineMixin, "beam_search")],
+        "beam_search_offline": [(BeamSearchOfflineMixin, "beam_search")],
         "metrics_loggers": [(PrometheusStatLogger, "__init__")],
         "openai_completion_serving": [(OpenAIServingCompletion, "completion_stream_generator")],
         "openai_chat_serving": [(OpenAIServingChat, "chat_completion_stream_generator")],

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from vllm_blockdiff.algorithms import bd3lm
+from vllm_blockdiff.algorithms.constraints import VocabConstraints
 from vllm_blockdiff.engine.scratch import ScratchUser, slots_of
-from vllm_blockdiff.engine.segments import CanvasRow, StepPlan, add_block_causal_segments
+from vllm_blockdiff.engine.segments import CanvasRow, StepPlan, StepReport, add_block_causal_segments
 from vllm_blockdiff.options import BD3LMOptions, ModelDefaults, resolve_bd3lm_options
 
 
@@ -48,7 +49,9 @@ class ChunkState:
 class BD3LMRequestState:
     options: BD3LMOptions
     generator: torch.Generator
-    eos_token_id: int | None
+    eos_token_id: int | None  # the card's end-of-block stop (None with ignore_eos)
+    constraints: VocabConstraints | None  # logit_bias, allowed_token_ids, bad_words, min_tokens
+    num_prompt_tokens: int
     chunk: ChunkState | None = None
 
 
@@ -62,8 +65,10 @@ class BD3LMSteps(ScratchUser):
         self.page = self.scratch.page_size
         self.uncond_filled = 0  # the shared all-mask prefix is computed up to here
 
-    def new_state(self, params, generator: torch.Generator) -> BD3LMRequestState:
-        return BD3LMRequestState(resolve_bd3lm_options(params, self.defaults), generator, params.eos_token_id)
+    def new_state(self, params, generator: torch.Generator, num_prompt_tokens: int) -> BD3LMRequestState:
+        eos = None if params.ignore_eos else params.eos_token_id
+        return BD3LMRequestState(resolve_bd3lm_options(params, self.defaults), generator, eos,
+                                 VocabConstraints.from_params(params), num_prompt_tokens)
 
     def _canvas_len(self, start: int, num_placeholders: int, state: BD3LMRequestState) -> int:
         """How many placeholders are the canvas: all, or a guided step's first third (0 for a fill)."""
@@ -130,38 +135,39 @@ class BD3LMSteps(ScratchUser):
         plan.canvases.append(CanvasRow(req_index, req_id, first + T - page_start, n, masked, unconditional=True))
 
     def sample(self, logits: torch.Tensor, plan: StepPlan, states: dict, out: torch.Tensor,
-               num_tokens: np.ndarray) -> dict:
-        """One batched denoising step; finished chunks are written to ``out`` rows. Returns the trace
-        frames (each traced request's canvas after the step)."""
+               batch) -> StepReport:
+        """One batched denoising step; finished chunks are written to ``out`` rows. Returns, per
+        request, how many positions committed, and the trace frames (the canvas after the step)."""
         logits, canvases = self._guided(logits, plan.canvases, states)
         steps = []
         for row in canvases:
             state = states[row.req_id]
+            opts, chunk = state.options, state.chunk
             # The card runs a fixed number of steps: a position may "commit" the mask id itself
-            # and stay masked, so completion is counted in steps, not in masks left.
-            steps.append(
-                bd3lm.ChunkStep(
-                    state.chunk.canvas,
-                    torch.from_numpy(row.logit_positions),
-                    state.chunk.commits.pop(0),
-                    state.options.temperature,
-                    state.options.remasking,
-                    state.generator,
-                )
-            )
-        new_canvases = bd3lm.denoise_batch(logits, steps, self.mask_id) if steps else []
-        frames = {}
-        for row, canvas in zip(canvases, new_canvases):
+            # and stay masked, so completion is counted in steps (or in masks, once none is left).
+            output = None
+            if state.constraints is not None and state.constraints.sequences:
+                output = batch.token_ids_cpu[row.req_index, state.num_prompt_tokens : chunk.start].tolist()
+            steps.append(bd3lm.ChunkStep(
+                chunk.canvas, torch.from_numpy(row.logit_positions), chunk.commits.pop(0), opts.temperature,
+                opts.remasking, state.generator, opts.threshold, opts.factor, state.constraints, output,
+            ))
+        report = StepReport()
+        if not steps:
+            return report
+        result = bd3lm.denoise_batch(logits, steps, self.mask_id)
+        for row, canvas, committed in zip(canvases, result.canvases, result.committed):
             state = states[row.req_id]
             state.chunk.canvas = canvas
+            report.commits[row.req_id] = committed
             if state.options.trace:
-                frames[row.req_id] = {"kind": "bd3lm", "start": state.chunk.start, "tokens": canvas.tolist(),
-                                      "mask": self.mask_id}
-            hit_eos = state.eos_token_id is not None and bool((canvas == state.eos_token_id).any())
-            if not state.chunk.commits or hit_eos:
+                report.frames[row.req_id] = {"kind": "bd3lm", "start": state.chunk.start, "tokens": canvas.tolist(),
+                                             "mask": self.mask_id, "committed": committed}
+            done = not state.chunk.commits or not bool((canvas == self.mask_id).any())
+            if done or (state.eos_token_id is not None and bool((canvas == state.eos_token_id).any())):
                 out[row.req_index, : row.length] = canvas.to(torch.int32)
                 state.chunk = None
-        return frames
+        return report
 
     @staticmethod
     def _guided(logits: torch.Tensor, rows: list[CanvasRow], states: dict):

@@ -53,8 +53,10 @@ class BlockDiffRunnerMixin:
     def _state(self, req_id: str):
         state = self._states.get(req_id)
         if state is None:
-            params = self.requests[req_id].sampling_params
-            state = self._steps.new_state(params, request_generator(req_id, params.seed, self.device))
+            request = self.requests[req_id]
+            params = request.sampling_params
+            state = self._steps.new_state(params, request_generator(req_id, params.seed, self.device),
+                                          request.num_prompt_tokens)
             self._states[req_id] = state
         return state
 
@@ -155,17 +157,20 @@ class BlockDiffRunnerMixin:
         width = max([2] + [c.length for c in plan.canvases])
         out = torch.full((self.input_batch.num_reqs, width), -1, dtype=torch.int32)
         if plan.canvases:
-            frames = self._steps.sample(logits, plan, self._states, out, self.input_batch.num_tokens_no_spec)
-            self._trace_frames = {
-                req_id: {**frame, "position": frame.pop("start") - self.requests[req_id].num_prompt_tokens}
-                for req_id, frame in frames.items()
-            }
+            report = self._steps.sample(logits, plan, self._states, out, self.input_batch)
+            for req_id, frame in report.frames.items():
+                frame["position"] = frame.pop("start") - self.requests[req_id].num_prompt_tokens
+            self._report = report
         return SamplerOutput(sampled_token_ids=out.to(self.device), logprobs_tensors=plan.logprobs)
 
     def sample_tokens(self, *args, **kwargs):
         output = super().sample_tokens(*args, **kwargs)
-        frames, self._trace_frames = getattr(self, "_trace_frames", None), None
-        if frames and isinstance(output, ModelRunnerOutput):
-            # Per-step states of requests with the trace option; the scheduler forwards them.
-            output.blockdiff_trace = frames
+        report, self._report = getattr(self, "_report", None), None
+        if report is not None and isinstance(output, ModelRunnerOutput):
+            # Extras the scheduler reads (the Ray executor pickles the whole output, so they arrive):
+            # per-step states of traced requests and BD3LM commit counts (tokens per forward).
+            if report.frames:
+                output.blockdiff_trace = report.frames
+            if report.commits:
+                output.blockdiff_commits = report.commits
         return output

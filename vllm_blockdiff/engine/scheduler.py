@@ -17,6 +17,7 @@ import dataclasses
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
+from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
 from vllm_blockdiff.algorithms import bd3lm
 from vllm_blockdiff.config import model_defaults
@@ -24,6 +25,29 @@ from vllm_blockdiff.engine.scratch import ScratchPages
 from vllm_blockdiff.engine.sdlm import StepKind, packed_layout_fits, packed_num_scheduled
 from vllm_blockdiff.options import BD3LMOptions, resolve_bd3lm_options, resolve_sdlm_options
 from vllm_blockdiff.serving_trace import TRACE_KEY
+
+
+def reattach_spec_decode_metrics(scheduler, outputs) -> None:
+    """vLLM sends a request's acceptance statistics only with the engine's finish; a stop string ends
+    a request in the front end instead, so every output carries them."""
+    for engine_outputs in outputs.values():
+        for output in engine_outputs.outputs:
+            request = scheduler.requests.get(output.request_id)
+            if output.spec_decode_metrics is None and request is not None:
+                output.spec_decode_metrics = request.spec_decode_metrics
+
+
+def observe_block_forward(stats: SpecDecodingStats, block_size: int, num_committed: int) -> None:
+    """One BD3LM denoising forward in vLLM's spec-decode statistics: a draft of ``block_size - 1``
+    tokens with ``num_committed - 1`` accepted (per-position counts up to the stats' width)."""
+    width = stats.num_spec_tokens
+    stats.num_drafts += 1
+    stats.num_draft_tokens += block_size - 1
+    stats.num_accepted_tokens += num_committed - 1
+    for i in range(min(num_committed - 1, width)):
+        stats.num_accepted_tokens_per_pos[i] += 1
+    for i in range(min(block_size - 1, width)):
+        stats.num_draft_tokens_per_pos[i] += 1
 
 
 class BlockDiffScheduler(Scheduler):
@@ -110,6 +134,7 @@ class BD3LMScheduler(BlockDiffScheduler):
         super().__init__(*args, **kwargs)
         # Nothing is sampled "after" the last scheduled token: do not reserve a context slot.
         self.num_sampled_tokens_per_step = 0
+        self._step_commits: dict[str, int] = {}
         # Classifier-free guidance: the shared all-mask prefix (engine/bd3lm.py) is computed up to
         # here; requests whose unconditional row needs more fill it, a bounded chunk per step.
         self._uncond_filled = 0
@@ -163,7 +188,37 @@ class BD3LMScheduler(BlockDiffScheduler):
             request._blockdiff_options = opts
         return opts
 
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        # Tokens per forward, as SDLM reports windows: each denoising forward is a "draft" of a
+        # block, of which the positions committed beyond the first are "accepted".
+        request.spec_decode_metrics = RequestSpecDecodeMetrics.new(self._options(request).block_size - 1)
+
+    def make_stats(self, spec_decoding_stats=None, *args, **kwargs):
+        commits = self._step_commits
+        if commits and self.log_stats:
+            if spec_decoding_stats is None:
+                spec_decoding_stats = SpecDecodingStats.new(self._defaults.block_size - 1)
+            for req_id, n in commits.items():
+                request = self.requests.get(req_id)
+                if request is not None:
+                    observe_block_forward(spec_decoding_stats, self._options(request).block_size, n)
+        return super().make_stats(spec_decoding_stats, *args, **kwargs)
+
     def update_from_output(self, scheduler_output, model_runner_output):
+        self._step_commits = getattr(model_runner_output, "blockdiff_commits", None) or {}
+        for req_id, n in self._step_commits.items():
+            request = self.requests.get(req_id)
+            if request is not None and request.spec_decode_metrics is not None:
+                request.spec_decode_metrics.observe(self._options(request).block_size - 1, n - 1)
+        try:
+            outputs = self._update_from_output(scheduler_output, model_runner_output)
+        finally:
+            self._step_commits = {}
+        reattach_spec_decode_metrics(self, outputs)
+        return outputs
+
+    def _update_from_output(self, scheduler_output, model_runner_output):
         canvases = scheduler_output.scheduled_spec_decode_tokens
         had_canvas = set(canvases)
         # Canvas slots are not drafts: keep them out of vLLM's draft acceptance accounting.
@@ -235,14 +290,19 @@ class SDLMScheduler(BlockDiffScheduler):
         cache_blocks = coordinator.cache_blocks
 
         def cache_committed_kv_only(request, num_tokens: int) -> None:
-            # Slot num_tokens - 1 holds the window's KV of x_{L-1}, not its causal KV.
-            cache_blocks(request, min(num_tokens, request.num_tokens - 1))
+            # Only slots holding committed tokens' causal KV may be hashed (``_sdlm_causal_kv``); the
+            # window's slots hold window KV. vLLM calls this when it allocates a step's slots (0.32,
+            # 0.33) and, from 0.33 on, again after appending the step's tokens, when num_tokens has
+            # grown past the window: the bound is the step's, not num_tokens - 1.
+            bound = getattr(request, "_sdlm_causal_kv", request.num_tokens - 1)
+            cache_blocks(request, min(num_tokens, bound))
 
         coordinator.cache_blocks = cache_committed_kv_only
 
     def add_request(self, request) -> None:
         super().add_request(request)
         request.spec_decode_metrics = RequestSpecDecodeMetrics.new(self._num_masks)
+        request._sdlm_causal_kv = request.num_tokens - 1
         request._sdlm_self_speculative = resolve_sdlm_options(
             request.sampling_params, self._defaults
         ).alg == "self_speculative"
@@ -251,11 +311,15 @@ class SDLMScheduler(BlockDiffScheduler):
     def schedule(self, *args, **kwargs):
         num_packed = 0
         for request in self.running:
+            # The slots with causal KV after this step: up to x_{L-2} (the window, or a prompt chunk,
+            # rewrites slot L-1), up to x_{L-1} in a packed step (its causal segment writes it).
+            request._sdlm_causal_kv = request.num_tokens - 1
             # Window-ready: the prompt is in the cache up to x_{L-2}.
             if request.num_computed_tokens == request.num_tokens - 1:
                 kind = self._step_kind(request, packed_free=num_packed < self._scratch.num_requests)
                 num_packed += kind == StepKind.PACKED
                 request._sdlm_kind = kind
+                request._sdlm_causal_kv += kind == StepKind.PACKED
                 request.spec_token_ids = [self._defaults.mask_token_id] * self._num_placeholders(request, kind)
         # vLLM keeps one position free for the token sampled after the last scheduled one; the
         # window's masks *are* those positions (the runner never predicts past the context), and
@@ -313,11 +377,5 @@ class SDLMScheduler(BlockDiffScheduler):
                 # The window rewrote slot L-1: x_{L-1}'s causal KV is computed next step.
                 request.num_computed_tokens = num_tokens_before[req_id] - 1
             request._sdlm_has_draft = kind in (StepKind.DRAFT, StepKind.PACKED)
-        # vLLM sends the per-request acceptance statistics only with the engine's finish; a stop
-        # string ends a request in the front end instead, so keep them on every output.
-        for engine_outputs in outputs.values():
-            for output in engine_outputs.outputs:
-                request = self.requests.get(output.request_id)
-                if output.spec_decode_metrics is None and request is not None:
-                    output.spec_decode_metrics = request.spec_decode_metrics
+        reattach_spec_decode_metrics(self, outputs)
         return outputs

@@ -41,8 +41,9 @@ import torch
 from vllm.v1.outputs import LogprobsTensors
 
 from vllm_blockdiff.algorithms import sdlm
+from vllm_blockdiff.algorithms.constraints import VocabConstraints, allowed_prefix
 from vllm_blockdiff.engine.scratch import ScratchPages, ScratchUser, slots_of
-from vllm_blockdiff.engine.segments import CanvasRow, StepPlan
+from vllm_blockdiff.engine.segments import CanvasRow, StepPlan, StepReport
 from vllm_blockdiff.options import ModelDefaults, SDLMOptions, resolve_sdlm_options
 
 class StepKind(enum.Enum):
@@ -97,6 +98,8 @@ def committed_logprobs(logits: torch.Tensor, wanted: list, shape: tuple[int, int
 class SDLMRequestState:
     options: SDLMOptions
     generator: torch.Generator
+    constraints: VocabConstraints | None  # logit_bias, allowed_token_ids, bad_words, min_tokens
+    num_prompt_tokens: int
     draft: list[int] | None = None  # self_speculative: predictions awaiting verification
 
 
@@ -108,8 +111,9 @@ class SDLMSteps(ScratchUser):
         self.defaults = defaults
         self.D = defaults.block_size
 
-    def new_state(self, params, generator: torch.Generator) -> SDLMRequestState:
-        return SDLMRequestState(resolve_sdlm_options(params, self.defaults), generator)
+    def new_state(self, params, generator: torch.Generator, num_prompt_tokens: int) -> SDLMRequestState:
+        return SDLMRequestState(resolve_sdlm_options(params, self.defaults), generator,
+                                VocabConstraints.from_params(params), num_prompt_tokens)
 
     def place(self, token_ids: np.ndarray, start: int, placeholders: list[int], state: SDLMRequestState):
         """A packed step's first D-1 slots after the committed tokens hold the drafts (causal)."""
@@ -157,14 +161,21 @@ class SDLMSteps(ScratchUser):
             k += len(positions)
 
     def sample(self, logits: torch.Tensor, plan: StepPlan, states: dict, out: torch.Tensor,
-               num_tokens: np.ndarray) -> dict:
-        """Committed tokens of every window-ready request, written to ``out`` rows. Returns the trace
+               batch) -> StepReport:
+        """Committed tokens of every window-ready request, written to ``out`` rows. Reports the trace
         frames (each traced request's window predictions and how many committed)."""
+        num_tokens, token_ids = batch.num_tokens_no_spec, batch.token_ids_cpu
         grouped: dict[str, list[tuple[int, CanvasRow]]] = {}
         start = 0
         for row in plan.canvases:
             grouped.setdefault(row.req_id, []).append((start, row))
             start += row.length
+        raw_logits = logits  # logprobs are of the raw logits (vLLM's default logprobs mode)
+        outputs = {req_id: token_ids[rows[0][1].req_index, states[req_id].num_prompt_tokens:
+                                     int(num_tokens[rows[0][1].req_index])].tolist()
+                   for req_id, rows in grouped.items() if states[req_id].constraints is not None}
+        if outputs:
+            logits = self._constrained(logits, grouped, states, outputs)
         committed: dict[str, list[int]] = {}
         windows = []  # (req_id, logits start, row) of the confidence-decoded requests
         for req_id, rows in grouped.items():
@@ -180,12 +191,15 @@ class SDLMSteps(ScratchUser):
             requests = [self._window_request(row.length, states[req_id]) for req_id, _, row in windows]
             for (req_id, _, _), tokens in zip(windows, sdlm.commit_windows(window_logits, requests)):
                 committed[req_id] = tokens
-        frames, wanted = {}, []
+        report, wanted = StepReport(), []
         window_start = {req_id: start for req_id, start, _ in windows}
         for req_id, rows in grouped.items():
             req_index = rows[0][1].req_index
             # Never past the context: vLLM's runner refuses tokens beyond max_model_len.
             tokens = committed[req_id][: self.defaults.max_model_len - int(num_tokens[req_index])]
+            constraints = states[req_id].constraints
+            if constraints is not None and constraints.sequences:
+                tokens = tokens[: allowed_prefix(constraints, outputs[req_id], tokens)]
             if tokens:
                 out[req_index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
                 if states[req_id].options.logprobs is not None:
@@ -194,11 +208,25 @@ class SDLMSteps(ScratchUser):
             if state.options.trace:
                 start, row = rows[0]
                 window = state.draft if state.draft is not None else logits[start : start + row.length].argmax(-1).tolist()
-                frames[req_id] = {"kind": "sdlm", "start": int(num_tokens[req_index]), "tokens": list(window),
-                                  "accepted": len(tokens)}
+                report.frames[req_id] = {"kind": "sdlm", "start": int(num_tokens[req_index]), "tokens": list(window),
+                                         "accepted": len(tokens)}
         if wanted:
-            plan.logprobs = committed_logprobs(logits, wanted, out.shape)
-        return frames
+            plan.logprobs = committed_logprobs(raw_logits, wanted, out.shape)
+        return report
+
+    def _constrained(self, logits: torch.Tensor, grouped: dict, states: dict, outputs: dict) -> torch.Tensor:
+        """The logits with each constrained request's rows masked and biased (``algorithms/constraints``).
+        A window row j predicts output position ``len(output) + j``; a verify row i of a packed step
+        follows the drafts ``y_0 .. y_i``."""
+        logits = logits.float().clone()
+        for req_id, output in outputs.items():
+            state = states[req_id]
+            for start, row in grouped[req_id]:
+                context = output + (state.draft[: row.verify_row + 1] if row.verify_row >= 0 else [])
+                rows = slice(start, start + row.length)
+                indices = [len(context) + j for j in range(row.length)]
+                logits[rows] = state.constraints.apply(logits[rows], context, indices)
+        return logits
 
     def _window_request(self, num_rows: int, state: SDLMRequestState) -> sdlm.WindowRequest:
         opts = state.options

@@ -41,6 +41,14 @@ class CanvasRow:
 
 
 @dataclass
+class StepReport:
+    """What a family's sampling step tells the runner besides the committed tokens."""
+
+    commits: dict[str, int] = field(default_factory=dict)  # req_id -> positions committed this step (BD3LM)
+    frames: dict[str, dict] = field(default_factory=dict)  # req_id -> trace frame (trace option)
+
+
+@dataclass
 class StepPlan:
     """The segments of one forward pass plus the canvases whose logits are needed."""
 
