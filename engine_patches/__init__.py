@@ -31,6 +31,7 @@ PATCHES: dict[str, Patch] = {
     "input_processor": Patch("vllm.v1.engine.input_processor"),
     "async_llm": Patch("vllm.v1.engine.async_llm"),
     "metrics_loggers": Patch("vllm.v1.metrics.loggers"),
+    "tokenizers_hf": Patch("vllm.tokenizers.hf"),
     "openai_completion_serving": Patch("vllm.entrypoints.openai.completion.serving"),
     "openai_chat_serving": Patch("vllm.entrypoints.openai.chat_completion.serving"),
     "beam_search_online": Patch("vllm.entrypoints.generate.beam_search.online"),

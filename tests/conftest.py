@@ -37,23 +37,21 @@ def env(**values):
 
 def boost_token(ckpt: Path, token_id: int, factor: float) -> None:
     """Scale one row of the stored lm_head so the random model emits that token now and then."""
-    from safetensors.torch import load_file, save_file
+    from vllm_blockdiff.testing.tiny_checkpoints import load_weights, save_weights
 
-    path = ckpt / "model.safetensors"
-    weights = load_file(str(path))
+    weights = load_weights(ckpt)
     head = weights["lm_head.weight"].clone()
     head[token_id] *= factor
     weights["lm_head.weight"] = head
-    save_file(weights, str(path))
+    save_weights(ckpt, weights)
 
 
 def focus_head(ckpt: Path, num_tokens: int, scale: float, seed: int = 0, include: tuple[int, ...] = ()) -> list[int]:
     """Concentrate the stored lm_head on ``num_tokens`` random tokens plus ``include`` (rows scaled by
     ``scale``, the rest by 0.01), so a random model's predictions have confidences spread over (0, 1)."""
-    from safetensors.torch import load_file, save_file
+    from vllm_blockdiff.testing.tiny_checkpoints import load_weights, save_weights
 
-    path = ckpt / "model.safetensors"
-    weights = load_file(str(path))
+    weights = load_weights(ckpt)
     head = weights["lm_head.weight"].clone()
     keep = torch.randperm(PAD_ID, generator=torch.Generator().manual_seed(seed))[:num_tokens]
     keep = torch.cat([keep, torch.tensor(include, dtype=torch.long)])
@@ -61,7 +59,7 @@ def focus_head(ckpt: Path, num_tokens: int, scale: float, seed: int = 0, include
     head.mul_(0.01)  # not zero: no exact ties among the other tokens
     head[keep] = focused
     weights["lm_head.weight"] = head
-    save_file(weights, str(path))
+    save_weights(ckpt, weights)
     return keep.tolist()
 
 
@@ -127,7 +125,6 @@ def sdlm4_causal_window_ckpt(tmp_path_factory) -> Path:
     ckpt = build_sdlm_checkpoint(tmp_path_factory.mktemp("sdlm4_causal"), D=4, seed=6)
     focus_head(ckpt, 8, 7.0, seed=6)
     config = json.loads((ckpt / "config.json").read_text())
-    del config["causal_attn"]
     config["casual_attn"] = True
     (ckpt / "config.json").write_text(json.dumps(config, indent=2))
     return ckpt

@@ -53,10 +53,14 @@ def load_reference_model(
     from safetensors import safe_open
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from vllm_blockdiff.testing.tiny_checkpoints import weight_files
+
     ckpt = Path(ckpt_dir)
     raw = json.loads((ckpt / "config.json").read_text())
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-        stored = set(f.keys())
+    stored = set()
+    for path in weight_files(ckpt):  # one file, or shards listed in model.safetensors.index.json
+        with safe_open(str(path), framework="pt") as f:
+            stored |= set(f.keys())
     fields = {k: raw[k] for k in _QWEN2_FIELDS if k in raw}
     fields["tie_word_embeddings"] = "lm_head.weight" not in stored
     config = Qwen2Config(**fields)

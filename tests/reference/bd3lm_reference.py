@@ -15,8 +15,9 @@ Written from the algorithm (DESIGN.md §2), one sequence at a time, or a batch o
    logit at position i predicts the token at position i.
 4. Commit. ``x0 = argmax(exp(logits) / (-log u) ** temperature)`` in float64 (the card's Gumbel trick; plain
    argmax at temperature 0); confidence = ``softmax(logits)[x0]`` (``low_confidence``, softmax in float32) or
-   uniform (``random``); the top-k still-masked positions by confidence (``torch.topk`` order on ties) take
-   their ``x0``. "Still masked" is re-derived as ``token == mask_id`` every step, as the card does.
+   uniform (``random``); the top-k still-masked positions by confidence (ties: the lower position first;
+   the card's ``torch.topk`` leaves equal values to the kernel) take their ``x0``. "Still masked" is
+   re-derived as ``token == mask_id`` every step, as the card does.
 5. CFG. ``cfg_scale > 0`` adds an unconditional pass whose prefix is all ``mask_id`` (same mask, positions):
    ``logits = un + (cfg_scale + 1) * (cond - un)``.
 6. EOS. After every step, if the chunk holds any id of ``eos_ids``, the sequence stops; the returned tokens are
@@ -104,6 +105,23 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def commit_count(conf: torch.Tensor, num_commit: int, threshold: float | None, factor: float | None) -> int:
+    """How many masked positions commit: the card's ``num_commit``; with ``threshold`` also every one whose
+    confidence exceeds it; with ``factor`` (Fast-dLLM) at least the largest n with (n + 1)(1 - c_n) < factor
+    (``c_n`` the n-th highest confidence); never more than are masked. ``conf``: -inf where not masked."""
+    masked = int(torch.isfinite(conf).sum())
+    k = min(num_commit, masked)
+    if threshold is not None:
+        k = max(k, int((conf > threshold).sum()))
+    if factor is not None:
+        ranked = sorted(conf[torch.isfinite(conf)].tolist(), reverse=True)
+        n = 0
+        while n < len(ranked) and (n + 2) * (1 - ranked[n]) < factor:  # n + 1 positions: (n+1+1)(1-c_{n+1})
+            n += 1
+        k = max(k, n, 1)
+    return min(k, masked)
+
+
 def commit_step(
     logits: torch.Tensor,
     chunk: torch.Tensor,
@@ -113,19 +131,30 @@ def commit_step(
     remasking: str,
     mask_id: int,
     generator: torch.Generator,
+    threshold: float | None = None,
+    factor: float | None = None,
+    rules=None,
+    prefix: Sequence[int] = (),
 ) -> torch.Tensor:
-    """One denoising step for one sequence: returns the chunk ``[L]`` with up to ``num_commit`` new tokens.
+    """One denoising step for one sequence: returns the chunk ``[L]`` with new tokens committed.
 
-    ``logits`` is ``[L, V]`` for the chunk positions (no shift).
+    ``logits`` is ``[L, V]`` for the chunk positions (no shift). ``rules`` (``vocab_rules.RefVocabRules``)
+    constrain every row (output position ``len(prefix) + i``) before sampling; the positions committed in
+    one step are then placed in descending confidence, each re-chosen among its allowed tokens if it would
+    complete a bad word with those placed before it.
     """
     length, vocab = logits.shape
     logits = logits.float()
     masked = chunk == mask_id
+    if rules is not None:
+        seq = list(prefix) + [None if m else int(t) for t, m in zip(chunk.tolist(), masked.tolist())]
+        logits = rules.apply(logits, seq, [len(prefix) + i for i in range(length)])
     if temperature > 0:
         u = torch.rand((length, vocab), dtype=torch.float64, generator=generator).to(logits.device)
-        x0 = (logits.double().exp() / (-torch.log(u)) ** temperature).argmax(dim=-1)
+        scores = logits.double().exp() / (-torch.log(u)) ** temperature
     else:
-        x0 = logits.argmax(dim=-1)
+        scores = logits
+    x0 = scores.argmax(dim=-1)
     if remasking == "low_confidence":
         conf = F.softmax(logits, dim=-1).gather(-1, x0[:, None]).squeeze(-1)
     elif remasking == "random":
@@ -133,11 +162,23 @@ def commit_step(
     else:
         raise ValueError(f"unknown remasking {remasking!r}; valid: {_REMASKING}")
     conf = torch.where(masked, conf, torch.full_like(conf, -math.inf))
-    k = min(num_commit, int(masked.sum()))
+    k = commit_count(conf, num_commit, threshold, factor)
     out = chunk.clone()
     if k > 0:
-        idx = torch.topk(conf, k).indices
-        out[idx] = x0[idx]
+        # The k most confident, ties toward the lower position: a confident model's probabilities round
+        # to 1.0 in float32, and the card's torch.topk leaves the order of equal values to the kernel.
+        idx = torch.sort(conf, descending=True, stable=True).indices[:k]
+        if rules is None or not rules.bad_words:
+            out[idx] = x0[idx]
+            return out
+        for i in idx.tolist():
+            seq = list(prefix) + [None if t == mask_id else int(t) for t in out.tolist()]
+            token = int(x0[i])
+            if rules.completes_bad_word(seq, len(prefix) + i, token):
+                row = scores[i].clone()
+                row[rules.banned(seq, len(prefix) + i, vocab)] = -math.inf if temperature == 0 else 0.0
+                token = int(row.argmax())
+            out[i] = token
     return out
 
 
@@ -243,8 +284,16 @@ def generate_bd3lm_batch(
     eos_ids: Sequence[int] = EOS_IDS,
     seeds: Sequence[int | None] | None = None,
     impl: str = "cached",
+    threshold: float | None = None,
+    factor: float | None = None,
+    rules=None,
+    forwards: list[int] | None = None,
 ) -> list[list[int]]:
     """The card's batched loop for equal-length prompts; returns each sequence's generated tokens.
+
+    ``threshold`` / ``factor``: the parallel-decoding rules (see :func:`commit_count`); a chunk whose masks
+    are all committed ends at once. ``rules``: vocabulary rules (``vocab_rules.RefVocabRules``) for every
+    row. ``forwards``, if given, receives each sequence's number of denoising forwards.
 
     Every row gets exactly what :func:`generate_bd3lm` returns for it alone with ``seed=seeds[i]`` (batching
     only changes how many rows share a forward). A finished row stays in the batch — it keeps being computed,
@@ -271,6 +320,7 @@ def generate_bd3lm_batch(
     x = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
     prompt_len = x.shape[1]
     finished = [False] * batch
+    num_forwards = [0] * batch
     spb = steps_per_block(max_new_tokens, steps, block_size)
     generated = 0
     while generated < max_new_tokens and not all(finished):
@@ -278,10 +328,11 @@ def generate_bd3lm_batch(
         cur = min(first_chunk_len(T, block_size), max_new_tokens - generated)
         logits_of = provider_cls(model, x, block_size=block_size, cfg_scale=cfg_scale, mask_id=mask_id)
         x = torch.cat([x, torch.full((batch, cur), mask_id, dtype=torch.long, device=device)], dim=1)
+        chunk_done = [False] * batch
         for k in commit_schedule(cur, spb):
             logits = logits_of(x[:, T:])
             for b in range(batch):
-                if finished[b]:
+                if finished[b] or chunk_done[b]:
                     continue
                 x[b, T:] = commit_step(
                     logits[b],
@@ -291,11 +342,19 @@ def generate_bd3lm_batch(
                     remasking=remasking,
                     mask_id=mask_id,
                     generator=generators[b],
+                    threshold=threshold,
+                    factor=factor,
+                    rules=rules,
+                    prefix=x[b, prompt_len:T].tolist(),
                 )
+                num_forwards[b] += 1
                 finished[b] = bool(torch.isin(x[b, T:], eos).any())
-            if all(finished):
+                chunk_done[b] = not bool((x[b, T:] == mask_id).any())
+            if all(f or d for f, d in zip(finished, chunk_done)):
                 break
         generated += cur
+    if forwards is not None:
+        forwards[:] = num_forwards
     return [truncate_after_eos(x[b, prompt_len:].tolist(), eos_ids) for b in range(batch)]
 
 
@@ -313,6 +372,10 @@ def generate_bd3lm(
     eos_ids: Sequence[int] = EOS_IDS,
     seed: int | None = None,
     impl: str = "cached",
+    threshold: float | None = None,
+    factor: float | None = None,
+    rules=None,
+    forwards: list[int] | None = None,
 ) -> list[int]:
     """Generate for one prompt with the card's semantics (see the module docstring).
 
@@ -333,4 +396,8 @@ def generate_bd3lm(
         eos_ids=eos_ids,
         seeds=[seed],
         impl=impl,
+        threshold=threshold,
+        factor=factor,
+        rules=rules,
+        forwards=forwards,
     )[0]

@@ -217,10 +217,14 @@ def generate_sdlm(
     seed: int | None = None,
     impl: str = "full",
     causal_window: bool = False,
+    rules=None,
 ) -> tuple[list[int], list[int]]:
     """Decode one prompt with SDLM; returns (generated tokens without eos, accept length per step).
 
     ``threshold`` is unused by ``self_speculative`` (drafts are accepted by verification only).
+    ``rules`` (``vocab_rules.RefVocabRules``): vocabulary rules for every window row (row j of the window
+    after output ``o`` is output position ``len(o) + j``; rows after row 0 do not know the rows before
+    them), and a confident run is cut before a token that would complete a bad word.
     """
     if alg not in ALGORITHMS:
         raise ValueError(f"unknown alg {alg!r}; valid: {ALGORITHMS}")
@@ -241,8 +245,12 @@ def generate_sdlm(
             return window_logits(model, committed, D=D, mask_id=mask_id, causal_window=causal_window)
 
     def predict(committed: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits_of(committed)
+        if rules is not None:
+            output = list(committed[len(prompt_ids):])
+            logits = rules.apply(logits, output, [len(output) + j for j in range(D)])
         return sample_window(
-            logits_of(committed),
+            logits,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
@@ -255,6 +263,12 @@ def generate_sdlm(
         while True:
             tokens, conf = predict(committed)
             n = min(accept_length(conf, threshold), D)
+            if rules is not None:
+                output = list(committed[len(prompt_ids):])
+                for j in range(1, n):
+                    if rules.completes_bad_word(output + tokens[:j].tolist(), len(output) + j, int(tokens[j])):
+                        n = j
+                        break
             accept_lengths.append(n)
             if _emit(tokens[:n].tolist(), out, committed, eos, max_new_tokens):
                 return out, accept_lengths

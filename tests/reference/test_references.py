@@ -98,7 +98,12 @@ def test_tokenizer_matches_qwen_tokenizer(family, bd3lm_dir, sdlm_dir):
     ckpt = bd3lm_dir if family == "bd3lm" else sdlm_dir
     # trust_remote_code=False: the A2D config's auto_map would otherwise trigger transformers' remote-code prompt.
     tok = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=False)
-    raw = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    if family == "bd3lm":
+        raw = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    else:  # SDLM ships the slow files only; the fast tokenizer they stand for
+        from vllm_blockdiff.testing.tiny_checkpoints import build_qwen25_tokenizer
+
+        raw = build_qwen25_tokenizer("<text_mask>")
     qwen = get_tokenizer("qwen2.5-72b-instruct")  # the Qwen2/2.5 BPE (qwen.tiktoken)
     for text in TEXTS:
         expected = qwen.encode(text)
@@ -133,8 +138,32 @@ def test_tokenizer_matches_qwen_tokenizer(family, bd3lm_dir, sdlm_dir):
     assert ids == qwen.encode("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n")
 
 
+BD3LM_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt"}
+SDLM_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json",
+              "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt"}
+
+
+def test_published_file_sets(bd3lm_dir, sdlm_dir):
+    assert {p.name for p in bd3lm_dir.iterdir()} == BD3LM_FILES
+    tokenizer_config = json.loads((bd3lm_dir / "tokenizer_config.json").read_text())
+    assert "chat_template" not in tokenizer_config and tokenizer_config["mask_token"] == "<|mask|>"
+    assert {p.name for p in sdlm_dir.iterdir()} == SDLM_FILES
+    tokenizer_config = json.loads((sdlm_dir / "tokenizer_config.json").read_text())
+    assert tokenizer_config["add_eos_token"] is True and tokenizer_config["model_max_length"] == 5632
+    assert "<text_mask>" in tokenizer_config["additional_special_tokens"] and "chat_template" in tokenizer_config
+    assert (sdlm_dir / "vocab.json").stat().st_size == 3_383_407  # the hub's SDLM vocab.json, byte for byte
+    index = json.loads((sdlm_dir / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    config = json.loads((sdlm_dir / "config.json").read_text())
+    assert config["casual_attn"] is False and "causal_attn" not in config and config["attn_implementation"] == "eager"
+
+
 def test_checkpoint_layouts(bd3lm_dir, sdlm_dir):
     from safetensors import safe_open
+
+    from vllm_blockdiff.testing.tiny_checkpoints import load_weights
 
     cfg = json.loads((bd3lm_dir / "config.json").read_text())
     assert cfg["architectures"] == ["A2DQwen2LMHeadModel"] and cfg["model_type"] == "a2d-qwen2"
@@ -167,9 +196,8 @@ def test_checkpoint_layouts(bd3lm_dir, sdlm_dir):
     cfg = json.loads((sdlm_dir / "config.json").read_text())
     assert cfg["architectures"] == ["SDLMQwen2ForCausalLM"] and cfg["model_type"] == "qwen2"
     assert (cfg["block_size"], cfg["text_mask_token"], cfg["text_mask_token_id"]) == (4, "<text_mask>", 151665)
-    assert cfg["causal_attn"] is False and cfg["vocab_size"] == 151666 and cfg["tie_word_embeddings"] is False
-    with safe_open(str(sdlm_dir / "model.safetensors"), "pt") as f:
-        assert f.get_slice("lm_head.weight").get_shape() == [151666, 128]
+    assert cfg["casual_attn"] is False and cfg["vocab_size"] == 151666 and cfg["tie_word_embeddings"] is False
+    assert load_weights(sdlm_dir)["lm_head.weight"].shape == (151666, 128)
 
     assert qwen25_05b_shape() == dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864)
     with pytest.raises(AssertionError, match="head_dim"):

@@ -337,26 +337,39 @@ def write_qwen25_tokenizer(
     default_system_prompt: str,
     declare_mask_token: bool,
     model_max_length: int = 32768,
+    layout: str = "dllm",
 ) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for Qwen2.5 + ``mask_token``.
+    """Write Qwen2.5's tokenizer + ``mask_token`` in one of the two published file sets.
+
+    ``layout="dllm"`` (BD3LM, saved by dLLM under transformers 4.57): ``tokenizer.json`` plus the slow
+    files (``vocab.json``, ``merges.txt``, ``added_tokens.json``), ``tokenizer_config.json`` *without*
+    the chat template, which is a separate ``chat_template.jinja``, and ``special_tokens_map.json``.
+    ``layout="sdlm"`` (saved by SDLM's training, slow tokenizer, transformers 4.37.2): no
+    ``tokenizer.json``; the chat template inside ``tokenizer_config.json`` with ``add_eos_token: true``
+    and ``model_max_length`` (5632 there), the mask token among ``additional_special_tokens``.
 
     ``declare_mask_token`` sets ``mask_token`` in the config (BD3LM: ``tokenizer.mask_token_id`` works);
     SDLM's tokenizer only has the added token and names it in config.json (``text_mask_token``).
     """
+    if layout not in ("dllm", "sdlm"):
+        raise ValueError(f"layout must be 'dllm' or 'sdlm', got {layout!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    build_qwen25_tokenizer(mask_token).save(str(out / "tokenizer.json"), pretty=False)
+    tokenizer = build_qwen25_tokenizer(mask_token)
+    _write_slow_files(out, json.loads(tokenizer.to_str()))
+    if layout == "dllm":
+        tokenizer.save(str(out / "tokenizer.json"), pretty=False)
 
     added = [*QWEN25_ADDED_TOKENS, (mask_token, True)]
+    specials = list(QWEN25_ADDITIONAL_SPECIAL_TOKENS) + ([mask_token] if layout == "sdlm" else [])
     config: dict[str, Any] = {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": {
             str(NUM_BPE_TOKENS + i): _added_token_entry(content, special) for i, (content, special) in enumerate(added)
         },
-        "additional_special_tokens": list(QWEN25_ADDITIONAL_SPECIAL_TOKENS),
+        "additional_special_tokens": specials,
         "bos_token": None,
-        "chat_template": qwen25_chat_template(default_system_prompt),
         "clean_up_tokenization_spaces": False,
         "eos_token": eos_token,
         "errors": "replace",
@@ -366,16 +379,35 @@ def write_qwen25_tokenizer(
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
+    template = qwen25_chat_template(default_system_prompt)
+    if layout == "sdlm":
+        config["add_eos_token"] = True  # SDLM trains with it; inert for Qwen2 in transformers 4.37
+        config["chat_template"] = template
+    else:
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     special_map: dict[str, Any] = {
-        "additional_special_tokens": list(QWEN25_ADDITIONAL_SPECIAL_TOKENS),
+        "additional_special_tokens": specials,
         "eos_token": _special_token_map_entry(eos_token),
         "pad_token": _special_token_map_entry("<|endoftext|>"),
     }
     if declare_mask_token:
         config["mask_token"] = mask_token
         special_map["mask_token"] = _special_token_map_entry(mask_token)
-    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "tokenizer_config.json", dict(sorted(config.items())))
     _write_json(out / "special_tokens_map.json", special_map)
+
+
+def _write_slow_files(out: Path, tokenizer_json: dict[str, Any]) -> None:
+    """``vocab.json``, ``merges.txt`` and ``added_tokens.json`` as ``Qwen2Tokenizer.save_vocabulary``
+    writes them (the hub's SDLM ``vocab.json`` is this file byte for byte: 3,383,407 bytes)."""
+    model = tokenizer_json["model"]
+    (out / "vocab.json").write_text(
+        json.dumps(model["vocab"], indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (out / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
+    added = {t["content"]: t["id"] for t in tokenizer_json["added_tokens"]}
+    (out / "added_tokens.json").write_text(json.dumps(added, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -495,12 +527,60 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _save_weights(out: Path, sd: dict[str, torch.Tensor]) -> None:
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _save_weights(out: Path, sd: dict[str, torch.Tensor], num_shards: int = 1) -> None:
+    """``model.safetensors``, or ``num_shards`` files ``model-0000k-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json`` (transformers' sharded layout, split in name order by size)."""
     from safetensors.torch import save_file
 
-    path = out / "model.safetensors"
-    save_file(sd, str(path), metadata={"format": "pt"})
-    os.chmod(path, 0o644)  # safetensors writes 0600; other users/containers may need to read the checkpoint
+    for old in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        old.unlink(missing_ok=True)
+    if num_shards <= 1:
+        files = {"model.safetensors": sd}
+    else:
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        files, current, size = {}, {}, 0
+        for name, tensor in sd.items():
+            if current and size >= total * (len(files) + 1) / num_shards and len(files) < num_shards - 1:
+                files[len(files)] = current
+                current = {}
+            current[name] = tensor
+            size += tensor.numel() * tensor.element_size()
+        files[len(files)] = current
+        files = {f"model-{i + 1:05d}-of-{len(files):05d}.safetensors": part for i, part in files.items()}
+        _write_json(out / INDEX_FILE, {
+            "metadata": {"total_size": total},
+            "weight_map": {name: file for file, part in files.items() for name in part},
+        })
+    for file, part in files.items():
+        save_file(part, str(out / file), metadata={"format": "pt"})
+        os.chmod(out / file, 0o644)  # safetensors writes 0600; other users/containers may need to read it
+
+
+def weight_files(ckpt: str | os.PathLike) -> list[Path]:
+    """The checkpoint's safetensors files, single or sharded."""
+    ckpt = Path(ckpt)
+    index = ckpt / INDEX_FILE
+    if index.exists():
+        return [ckpt / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [ckpt / "model.safetensors"]
+
+
+def load_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All of a checkpoint's tensors, whichever layout it has."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for path in weight_files(ckpt):
+        weights.update(load_file(str(path)))
+    return weights
+
+
+def save_weights(ckpt: str | os.PathLike, weights: dict[str, torch.Tensor]) -> None:
+    """Overwrite a checkpoint's tensors, keeping its layout (the same number of shards)."""
+    _save_weights(Path(ckpt), {k: v.contiguous() for k, v in weights.items()}, len(weight_files(ckpt)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -515,15 +595,18 @@ def build_bd3lm_checkpoint(
     kv_heads: int = 1,
     intermediate: int = 256,
     seed: int = 0,
-    untied_lm_head: bool = False,
+    untied_lm_head: bool = True,
     dtype: torch.dtype = torch.float32,
     block_size: int | None = None,
 ) -> Path:
     """Write a random dLLM A2D-Qwen2 (BD3LM) checkpoint to ``out_dir`` and return its path.
 
-    ``untied_lm_head`` stores ``lm_head.weight`` (random, independent of the embedding) while config.json
-    keeps ``tie_word_embeddings: true``, as ZeRO-saved hub checkpoints do: a correct loader must use the
-    stored tensor. ``block_size`` (not in the hub config, which leaves it to the sampler's default 32) is
+    The published file set: config.json, generation_config.json, one model.safetensors and dLLM's
+    tokenizer files (``tokenizer.json`` + slow files, ``chat_template.jinja`` beside
+    ``tokenizer_config.json``). ``untied_lm_head`` (default, as the hub checkpoints) stores
+    ``lm_head.weight`` (random, independent of the embedding) while config.json keeps
+    ``tie_word_embeddings: true``, as ZeRO-saved checkpoints do: a correct loader must use the stored
+    tensor; ``untied_lm_head=False`` stores none (the head is the embedding). ``block_size`` (not in the hub config, which leaves it to the sampler's default 32) is
     written to config.json only when given.
     """
     _check_shape(hidden, heads, kv_heads)
@@ -553,6 +636,7 @@ def build_bd3lm_checkpoint(
         eos_token="<|im_end|>",
         default_system_prompt=QWEN25_INSTRUCT_SYSTEM_PROMPT,
         declare_mask_token=True,
+        layout="dllm",
     )
     sd = random_qwen2_state_dict(
         vocab_size=QWEN2_VOCAB_SIZE, store_lm_head=untied_lm_head, seed=seed, dtype=dtype, **shape
@@ -573,11 +657,18 @@ def build_sdlm_checkpoint(
     seed: int = 0,
     untied_lm_head: bool = True,
     dtype: torch.dtype = torch.float32,
+    num_shards: int = 2,
+    causal_attn_key: str = "casual_attn",
 ) -> Path:
     """Write a random OpenGVLab SDLM checkpoint (window size ``D``) to ``out_dir`` and return its path.
 
-    By default the lm_head is stored and ``tie_word_embeddings`` is false; ``untied_lm_head=False`` writes a
-    tied checkpoint (no ``lm_head.weight``, ``tie_word_embeddings: true``) like SDLM-3B's Qwen2.5-3B base.
+    The published file set: config.json with the window flag spelled ``casual_attn`` (the uploads'
+    spelling; ``causal_attn_key="causal_attn"`` writes the later one) and ``attn_implementation:
+    "eager"``, weights in ``num_shards`` safetensors shards with ``model.safetensors.index.json``, and
+    the slow tokenizer files of SDLM's training (``vocab.json`` + ``merges.txt``, no ``tokenizer.json``,
+    ``add_eos_token: true``). By default the lm_head is stored and ``tie_word_embeddings`` is false;
+    ``untied_lm_head=False`` writes a tied checkpoint (no ``lm_head.weight``, ``tie_word_embeddings:
+    true``) like SDLM-3B's Qwen2.5-3B base.
     """
     _check_shape(hidden, heads, kv_heads)
     assert D >= 2, "SDLM's window size D must be at least 2"
@@ -598,28 +689,31 @@ def build_sdlm_checkpoint(
             "AutoModelForCausalLM": "modeling_sdlm.SDLMQwen2ForCausalLM",
         },
         "model_type": "qwen2",
+        "attn_implementation": "eager",
         "block_size": D,
-        "causal_attn": False,
+        causal_attn_key: False,
         "text_mask_token": SDLM_MASK_TOKEN,
         "text_mask_token_id": MASK_TOKEN_ID,
         **fields,
     }
     _write_json(out / "config.json", config)
-    _write_json(
-        out / "generation_config.json",
-        {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": [ENDOFTEXT_ID, IM_END_ID]},
-    )
+    _write_json(out / "generation_config.json", {
+        "attn_implementation": "eager", "bos_token_id": ENDOFTEXT_ID, "eos_token_id": [ENDOFTEXT_ID, IM_END_ID],
+        "max_new_tokens": 4096, "transformers_version": "4.37.2",
+    })
     write_qwen25_tokenizer(
         out,
         mask_token=SDLM_MASK_TOKEN,
         eos_token="<|endoftext|>",
         default_system_prompt=QWEN25_BASE_SYSTEM_PROMPT,
         declare_mask_token=False,
+        model_max_length=5632,
+        layout="sdlm",
     )
     sd = random_qwen2_state_dict(
         vocab_size=SDLM_VOCAB_SIZE, store_lm_head=untied_lm_head, seed=seed, dtype=dtype, **shape
     )
-    _save_weights(out, sd)
+    _save_weights(out, sd, num_shards)
     return out
 
 
@@ -653,7 +747,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     head = parser.add_mutually_exclusive_group()
     head.add_argument(
-        "--untied-lm-head", action="store_true", default=None, help="store lm_head.weight (default: sdlm only)"
+        "--untied-lm-head", action="store_true", default=True, help="store lm_head.weight (default, as published)"
     )
     head.add_argument("--tied-lm-head", dest="untied_lm_head", action="store_false", help="no lm_head.weight")
     args = parser.parse_args(argv)
@@ -670,11 +764,10 @@ def main(argv: list[str] | None = None) -> Path:
         )
     common = dict(seed=args.seed, dtype=_DTYPES[args.dtype], **shape)
     if args.family == "bd3lm":
-        untied = bool(args.untied_lm_head)
-        path = build_bd3lm_checkpoint(args.out, untied_lm_head=untied, block_size=args.block_size, **common)
+        path = build_bd3lm_checkpoint(args.out, untied_lm_head=args.untied_lm_head, block_size=args.block_size,
+                                      **common)
     else:
-        untied = True if args.untied_lm_head is None else args.untied_lm_head
-        path = build_sdlm_checkpoint(args.out, D=args.block_size or 4, untied_lm_head=untied, **common)
+        path = build_sdlm_checkpoint(args.out, D=args.block_size or 4, untied_lm_head=args.untied_lm_head, **common)
     print(path)
     return path
 

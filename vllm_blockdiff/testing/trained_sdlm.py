@@ -45,9 +45,11 @@ from vllm_blockdiff.testing.tiny_checkpoints import (
     build_sdlm_checkpoint,
     cache_dir,
     load_qwen_ranks,
+    load_weights,
+    save_weights,
 )
 
-_FORMAT_VERSION = 1  # bump when training changes, to invalidate cached checkpoints
+_FORMAT_VERSION = 2  # bump when training or the layout changes, to invalidate cached checkpoints
 SHAPE = dict(hidden=64, layers=4, heads=2, kv_heads=1, intermediate=256)
 
 
@@ -145,7 +147,7 @@ def build_trained_sdlm_checkpoint(out_dir: str | os.PathLike, *, D: int = 4, ste
     """Write the trained letters checkpoint (window ``D``) to ``out_dir``; cached across calls."""
     key = hashlib.sha256(json.dumps([_FORMAT_VERSION, D, steps, seed, SHAPE]).encode()).hexdigest()[:16]
     cached = cache_dir() / f"sdlm-letters-{key}"
-    if not (cached / "model.safetensors").exists():
+    if not (cached / "TRAINING.json").exists():
         _build(cached, D=D, steps=steps, seed=seed)
     out = Path(out_dir)
     shutil.copytree(cached, out, dirs_exist_ok=True)
@@ -153,7 +155,6 @@ def build_trained_sdlm_checkpoint(out_dir: str | os.PathLike, *, D: int = 4, ste
 
 
 def _build(out: Path, *, D: int, steps: int, seed: int) -> None:
-    from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -172,21 +173,14 @@ def _build(out: Path, *, D: int, steps: int, seed: int) -> None:
     finally:
         torch.set_num_threads(threads)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    assert state.keys() == set(_stored_names(tmp)), "trained weights must keep the published names"
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    assert state.keys() == set(load_weights(tmp)), "trained weights must keep the published names"
+    save_weights(tmp, state)
     (tmp / "TRAINING.json").write_text(json.dumps({"task": "letter counting runs", "D": D, "steps": steps,
                                                    "seed": seed, "final_loss": loss}, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     assert SDLM_VOCAB_SIZE == fields["vocab_size"]
-
-
-def _stored_names(ckpt: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        return list(f.keys())
 
 
 def main(argv: list[str] | None = None) -> Path:
