@@ -107,7 +107,8 @@ class ChunkStep:
     threshold: float | None = None
     factor: float | None = None
     constraints: VocabConstraints | None = None
-    output: list[int] | None = None  # output tokens before the chunk (bad words look at them)
+    output_start: int = 0  # output position of the chunk's first slot (min_tokens, bad words)
+    output: list[int] | None = None  # the output tokens before the chunk (multi-token bad words only)
 
 
 @dataclass
@@ -162,8 +163,10 @@ def _chosen_probability(logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
 
 
 def _output_sequence(step: ChunkStep, canvas: np.ndarray, mask_id: int) -> list[int]:
-    """The request's output so far with the chunk appended, undecided positions ``UNKNOWN``."""
-    return list(step.output or []) + [UNKNOWN if t == mask_id else int(t) for t in canvas]
+    """The request's output so far with the chunk appended, undecided positions ``UNKNOWN`` (the tokens
+    before the chunk are ``UNKNOWN`` too unless the step carries them: only bad words read them)."""
+    before = step.output if step.output is not None else [UNKNOWN] * step.output_start
+    return list(before) + [UNKNOWN if t == mask_id else int(t) for t in canvas]
 
 
 def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) -> StepResult:
@@ -192,9 +195,8 @@ def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) ->
         logits = logits.float().clone()
         for i in constrained:
             step, rows = steps[i], slice(offsets[i], offsets[i + 1])
-            start = len(step.output or [])
             seq = _output_sequence(step, canvases[i, : len(step.canvas)], mask_id)
-            indices = (start + step.positions.numpy()).tolist()
+            indices = (step.output_start + step.positions.numpy()).tolist()
             logits[rows] = step.constraints.apply(logits[rows], seq, indices)
     x0 = logits.argmax(dim=-1)
     for i, step in enumerate(steps):
@@ -247,7 +249,7 @@ def _recheck_bad_words(step: ChunkStep, new: torch.Tensor, current: torch.Tensor
     n = len(step.canvas)
     canvas = current[:n].cpu().numpy().copy()
     row_of = {int(p): r for r, p in enumerate(step.positions.tolist())}
-    start = len(step.output or [])
+    start = step.output_start
     scores = logits if scores is None else scores
     for position in committed.tolist():
         seq = _output_sequence(step, canvas, mask_id)

@@ -150,7 +150,8 @@ class BD3LMSteps(ScratchUser):
                 output = batch.token_ids_cpu[row.req_index, state.num_prompt_tokens : chunk.start].tolist()
             steps.append(bd3lm.ChunkStep(
                 chunk.canvas, torch.from_numpy(row.logit_positions), chunk.commits.pop(0), opts.temperature,
-                opts.remasking, state.generator, opts.threshold, opts.factor, state.constraints, output,
+                opts.remasking, state.generator, opts.threshold, opts.factor, state.constraints,
+                chunk.start - state.num_prompt_tokens, output,
             ))
         report = StepReport()
         if not steps:

@@ -314,8 +314,9 @@ class SDLMScheduler(BlockDiffScheduler):
             # The slots with causal KV after this step: up to x_{L-2} (the window, or a prompt chunk,
             # rewrites slot L-1), up to x_{L-1} in a packed step (its causal segment writes it).
             request._sdlm_causal_kv = request.num_tokens - 1
-            # Window-ready: the prompt is in the cache up to x_{L-2}.
-            if request.num_computed_tokens == request.num_tokens - 1:
+            # Window-ready: at most the tokens accepted last step (<= D) lack causal KV; they are
+            # computed in the same forward, ahead of the window (a longer prompt is prefilled first).
+            if request.num_tokens - request.num_computed_tokens <= self._defaults.block_size + 1:
                 kind = self._step_kind(request, packed_free=num_packed < self._scratch.num_requests)
                 num_packed += kind == StepKind.PACKED
                 request._sdlm_kind = kind
