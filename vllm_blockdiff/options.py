@@ -109,21 +109,16 @@ def _trace_flag(extra: dict) -> bool:
     return bool(trace)
 
 
-def _unset_value(name: str):
-    from vllm import SamplingParams
-
-    global _DEFAULT_PARAMS
-    if _DEFAULT_PARAMS is None:
-        _DEFAULT_PARAMS = SamplingParams()
-    return getattr(_DEFAULT_PARAMS, name, None)
-
-
-_DEFAULT_PARAMS = None
+_DEFAULT_PARAMS: dict[type, Any] = {}
 
 
 def _is_set(params: Any, name: str) -> bool:
+    """Whether a request field differs from its class's default (unset lists and dicts count as unset)."""
+    cls = type(params)
+    if cls not in _DEFAULT_PARAMS:
+        _DEFAULT_PARAMS[cls] = cls()
     value = getattr(params, name, None)
-    return value not in (None, [], {}, ()) and value != _unset_value(name)
+    return value not in (None, [], {}, ()) and value != getattr(_DEFAULT_PARAMS[cls], name, None)
 
 
 def check_request_fields(params: Any, family: str) -> None:

@@ -110,3 +110,37 @@ def test_batched_step_equals_one_step_per_chunk():
     got = bd3lm.denoise_batch(torch.cat(logits_rows), batch, MASK).canvases
     assert all(torch.equal(a, b) for a, b in zip(got, singles))
     assert not torch.equal(got[0], specs[0][0]) and torch.equal(got[3], specs[3][0])
+
+
+def test_commit_counts_follow_the_published_rules():
+    """Batched counts against the reference's rule (threshold, factor, the card's floor), random inputs."""
+    import math
+    import random
+
+    from tests.reference.bd3lm_reference import commit_count
+
+    rng = random.Random(0)
+    for _ in range(300):
+        width = rng.randint(1, 10)
+        conf = [rng.choice([rng.random(), 1.0, 0.999, -math.inf]) for _ in range(width)]
+        k = rng.randint(1, 4)
+        threshold = rng.choice([None, rng.random()])
+        factor = None if threshold is not None else rng.choice([None, rng.uniform(0.2, 4)])
+        values = torch.tensor(conf)
+        expected = commit_count(values, k, threshold, factor)
+        got = bd3lm.commit_counts(
+            values.sort(descending=True).values[None], torch.isfinite(values).sum()[None], torch.tensor([k]),
+            torch.tensor([math.nan if threshold is None else threshold]),
+            torch.tensor([math.nan if factor is None else factor]),
+        )
+        assert int(got[0]) == expected, (conf, k, threshold, factor)
+
+
+def test_threshold_finishes_a_confident_chunk_in_one_step():
+    logits = torch.full((4, 8), -10.0)
+    for i, t in enumerate((1, 2, 3, 4)):
+        logits[i, t] = 10.0  # p ~ 1 at every position
+    canvas = torch.full((4,), MASK)
+    assert bd3lm.denoise_step(logits, canvas, MASK, 1, threshold=0.9).tolist() == [1, 2, 3, 4]
+    assert bd3lm.denoise_step(logits, canvas, MASK, 1).tolist().count(MASK) == 3  # the card: one
+    assert bd3lm.denoise_step(logits, canvas, MASK, 1, factor=1.0).tolist() == [1, 2, 3, 4]

@@ -51,3 +51,57 @@ def test_sdlm_checkpoint_gets_its_scheduler_window_and_attention_flag(sdlm8_ckpt
 def test_sdlm_step_must_fit_the_token_budget(sdlm8_ckpt):
     with pytest.raises(ValueError, match="cannot hold one SDLM step"):
         _engine_config(sdlm8_ckpt, max_num_batched_tokens=12)
+
+
+@pytest.mark.parametrize(
+    "kwargs,named",
+    [
+        (dict(scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler"), "--scheduler-cls"),
+        (dict(worker_cls="vllm.v1.worker.cpu_worker.CPUWorker"), "--worker-cls"),
+        (dict(async_scheduling=True), "--async-scheduling"),
+        (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}),
+         "--speculative-config"),
+        (dict(logits_processors=["vllm.v1.sample.logits_processor:MinTokensLogitsProcessor"]),
+         "--logits-processors"),
+    ],
+)
+def test_settings_our_models_cannot_run_with_are_refused_naming_them(bd3lm_ckpt, sdlm8_ckpt, kwargs, named):
+    for ckpt in (bd3lm_ckpt, sdlm8_ckpt):
+        with pytest.raises(ValueError, match=named):
+            _engine_config(ckpt, **kwargs)
+
+
+def test_our_own_classes_and_subclasses_are_accepted(bd3lm_ckpt):
+    config = _engine_config(bd3lm_ckpt, scheduler_cls="vllm_blockdiff.engine.scheduler.BD3LMScheduler",
+                            worker_cls="vllm_blockdiff.engine.worker.BlockDiffCPUWorker")
+    assert config.scheduler_config.scheduler_cls.endswith("BD3LMScheduler")
+
+
+def test_model_runner_v2_forced_on_is_refused(bd3lm_ckpt, monkeypatch):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        _engine_config(bd3lm_ckpt)
+
+
+def test_vllm_versions_outside_the_tested_range(bd3lm_ckpt, monkeypatch, caplog):
+    from vllm_blockdiff import config as hook
+
+    monkeypatch.setattr(hook, "vllm_version", lambda: "0.31.2")
+    with pytest.raises(ValueError, match="needs vLLM 0.32, 0.33; this is vLLM 0.31.2"):
+        _engine_config(bd3lm_ckpt)
+    monkeypatch.setattr(hook, "vllm_version", lambda: "0.34.0")
+    warnings = []
+    monkeypatch.setattr(hook.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    _engine_config(bd3lm_ckpt)
+    assert any("tested with vLLM 0.32, 0.33; this is vLLM 0.34.0" in w for w in warnings)
+
+
+def test_other_models_keep_their_settings(tmp_path):
+    """A plain Qwen2 checkpoint: the hook never runs, a user's scheduler and worker stay as given."""
+    from tests.plain_model import build_plain_qwen2
+
+    plain = build_plain_qwen2(tmp_path / "qwen2")
+    config = _engine_config(plain, scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler")
+    assert config.scheduler_config.scheduler_cls == "vllm.v1.core.sched.scheduler.Scheduler"
+    assert config.parallel_config.worker_cls != "vllm_blockdiff.engine.worker.BlockDiffCPUWorker"
+    assert not hasattr(config.model_config.hf_config, "blockdiff_family")
