@@ -6,11 +6,12 @@ Why: ``AsyncLLM.generate`` is an async generator: a request is processed, and va
 server iterates a *streamed* request's generator inside its ``StreamingResponse``, after the
 HTTP 200 went out, so a bad option there became an error event inside a 200 stream, while the
 same request unstreamed got a 400.
-How: keep the original; the replacement, a plain function, runs the same admission check
-(``input_processor.validate``: options, request fields, and the prompt length when the prompt
-carries its token ids) when it is *called*, raising ``VLLMValidationError``, which the server's
-exception handler turns into the same 400 body as the unstreamed request; then it returns the
-original generator. Models that are not ours: the original, untouched.
+How: keep the original; for our models the replacement, a plain function, runs the admission
+checks when it is *called*, in the order ``process_inputs`` runs them (vLLM's own
+``InputProcessor._validate_params`` on a copy of the params, which includes ours, then the
+prompt-length check), raising ``VLLMValidationError``, which the server's exception handler turns
+into the same 400 body as the unstreamed request; then it returns the original generator.
+Models that are not ours: the original, untouched.
 Upstream PR: none; removable if vLLM validates requests before starting a stream.
 Drift guard: raises at apply time if ``generate`` is gone or no longer takes
 ``prompt``/``sampling_params``; ``tests/serving/test_request_fields.py`` sends every refused
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import inspect
 
+from vllm.sampling_params import SamplingParams
 from vllm.v1.engine import async_llm as upstream
 
+from engine_patches._common import serves_ours
 from engine_patches.input_processor import validate
 
 _NEEDED = {"self", "prompt", "sampling_params"}
@@ -43,9 +46,13 @@ def apply() -> None:
     signature = inspect.signature(original)
 
     def generate(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        params = bound.arguments["sampling_params"]
-        validate(self.input_processor, params, _prompt_len(bound.arguments["prompt"]))
+        processor = self.input_processor
+        if serves_ours(processor.vllm_config.model_config):
+            bound = signature.bind(self, *args, **kwargs)
+            params = bound.arguments["sampling_params"]
+            if isinstance(params, SamplingParams):
+                processor._validate_params(params.clone(), ("generate",))  # our models only generate
+                validate(processor, params, _prompt_len(bound.arguments["prompt"]))
         return original(self, *args, **kwargs)
 
     generate._blockdiff_patched = True

@@ -7,6 +7,9 @@ How: keep the original; for a streamed request with ``vllm_xargs.trace`` run it 
 results that removes the frames and emits them as extra chunks (``object:
 chat.completion.chunk``, empty ``delta``, ``choices[0].blockdiff_trace``) ahead of the step's
 text chunk. Other requests are untouched.
+Also ``OpenAIServingChat.create_chat_completion``: for our models a request carrying one of the removed ``guided_*`` fields
+(which vLLM ignores with a warning) is refused with a 400 naming it, since it asks for constraints
+the decoder does not enforce (``engine_patches._common.refuse_guided_fields``).
 Upstream PR: none; removable if vLLM grows a way for a model to stream per-step extras.
 Drift guard: raises at apply time if the method or its ``request``/``result_generator``/
 ``request_id``/``model_name``/``tokenizer`` parameters are gone;
@@ -23,8 +26,10 @@ _NEEDED = {"request", "result_generator", "request_id", "model_name", "tokenizer
 
 
 def apply() -> None:
+    from engine_patches._common import refuse_guided_fields
     from vllm_blockdiff.serving_trace import patch_stream_generator
 
+    refuse_guided_fields(upstream.OpenAIServingChat, "create_chat_completion")
     patch_stream_generator(
         upstream.OpenAIServingChat,
         "chat_completion_stream_generator",

@@ -8,6 +8,9 @@ reach this process in each ``RequestOutput.kv_transfer_params`` (``vllm_blockdif
 How: keep the original; for a streamed request with ``vllm_xargs.trace`` run it over a tap of the
 results that removes the frames and emits them as extra chunks (empty text,
 ``choices[0].blockdiff_trace``) ahead of the step's text chunk. Other requests are untouched.
+Also ``OpenAIServingCompletion.create_completion``: for our models a request carrying one of the removed ``guided_*`` fields
+(which vLLM ignores with a warning) is refused with a 400 naming it, since it asks for constraints
+the decoder does not enforce (``engine_patches._common.refuse_guided_fields``).
 Upstream PR: none; removable if vLLM grows a way for a model to stream per-step extras.
 Drift guard: raises at apply time if the method or its ``request``/``result_generator``/
 ``request_id``/``created_time``/``model_name``/``tokenizer`` parameters are gone;
@@ -22,8 +25,10 @@ _NEEDED = {"request", "result_generator", "request_id", "created_time", "model_n
 
 
 def apply() -> None:
+    from engine_patches._common import refuse_guided_fields
     from vllm_blockdiff.serving_trace import patch_stream_generator
 
+    refuse_guided_fields(upstream.OpenAIServingCompletion, "create_completion")
     patch_stream_generator(
         upstream.OpenAIServingCompletion,
         "completion_stream_generator",

@@ -156,6 +156,14 @@ OPENAI_FIELDS: dict[str, FieldRule] = {
 }
 
 
+# Removed by vLLM (0.12), which now ignores them with a warning for every model; a request that still sends
+# one wants constraints (engine_patches._common.REMOVED_GUIDED_FIELDS).
+for _name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+              "guided_whitespace_pattern"):
+    OPENAI_FIELDS[_name] = FieldRule(REFUSED, REFUSED, "removed by vLLM (ignored, with a warning, for other "
+                                     "models); refused: structured outputs are not enforced", endpoints="C, H")
+
+
 def render_markdown() -> str:
     """The two tables as the Markdown page ``docs/request_fields.md``."""
     lines = [

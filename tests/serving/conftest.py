@@ -7,9 +7,13 @@ import pytest
 from tests.serving.server import openai_client, vllm_serve
 
 
+# Tool calling on, so requests with tool_choice "required" / a named function reach the engine's checks.
+TOOLS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+
+
 @pytest.fixture(scope="package")
 def bd3lm_server(bd3lm_ckpt, tmp_path_factory):
-    with vllm_serve(bd3lm_ckpt, tmp_path_factory.mktemp("logs") / "bd3lm.log") as base:
+    with vllm_serve(bd3lm_ckpt, tmp_path_factory.mktemp("logs") / "bd3lm.log", TOOLS) as base:
         yield base
 
 
@@ -27,7 +31,7 @@ def letters_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def sdlm_server(letters_ckpt, tmp_path_factory):
-    with vllm_serve(letters_ckpt, tmp_path_factory.mktemp("logs") / "sdlm.log") as base:
+    with vllm_serve(letters_ckpt, tmp_path_factory.mktemp("logs") / "sdlm.log", TOOLS) as base:
         yield base
 
 
