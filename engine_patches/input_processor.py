@@ -8,10 +8,13 @@ front end with a ``VLLMValidationError`` naming the parameter (HTTP 400 in ``vll
 vLLM has no hook for per-model sampling-parameter validation outside its built-in diffusion
 config (Model Runner V2 only).
 How: keep the originals, call them, then run ``vllm_blockdiff.options.validate_request`` when
-the served architecture is one of ours (after ``process_inputs``, with the prompt length).
+the served architecture is one of ours (after ``process_inputs``, with the prompt length). There
+too, a BD3LM request with a block size other than the served one gets a ``cache_salt`` naming it
+(``options.prefix_cache_salt``): a token's KV depends on the block structure it was computed
+under, so pages may only be shared between requests of the same block size.
 Upstream PR: none; removable if vLLM grows a per-model ``validate_sampling_params`` hook.
 Drift guard: raises at apply time if a method, ``_validate_params``'s signature or the
-``prompt_token_ids``/``sampling_params`` fields of ``EngineCoreRequest`` are gone;
+``prompt_token_ids``/``sampling_params``/``cache_salt`` fields of ``EngineCoreRequest`` are gone;
 ``tests/engine/test_bd3lm_engine.py``/``test_sdlm_engine.py`` (``test_bad_options_are_rejected_and_engine_keeps_serving``)
 and ``tests/serving/test_serve.py`` (HTTP 400) check the rejection end to end.
 """
@@ -61,7 +64,7 @@ def apply() -> None:
         original is None
         or original_process is None
         or list(inspect.signature(original).parameters) != _EXPECTED_PARAMS
-        or not {"prompt_token_ids", "sampling_params"} <= set(fields)
+        or not {"prompt_token_ids", "sampling_params", "cache_salt"} <= set(fields)
     ):
         raise RuntimeError(
             "engine_patches.input_processor: InputProcessor._validate_params / process_inputs "
@@ -77,6 +80,11 @@ def apply() -> None:
         request = original_process(self, *args, **kwargs)
         if request.sampling_params is not None and request.prompt_token_ids is not None:
             validate(self, request.sampling_params, len(request.prompt_token_ids))
+            defaults = _defaults(self)
+            if defaults:
+                from vllm_blockdiff.options import prefix_cache_salt
+
+                request.cache_salt = prefix_cache_salt(request.sampling_params, defaults, request.cache_salt)
         return request
 
     _validate_params._blockdiff_patched = True

@@ -270,3 +270,15 @@ def validate_request(params: Any, defaults: ModelDefaults, prompt_len: int | Non
             f"{room} tokens of the model's context length {defaults.max_model_len} free",
             "max_tokens",
         )
+
+
+def prefix_cache_salt(params: Any, defaults: ModelDefaults, salt: str | None) -> str | None:
+    """The request's prefix-cache salt: BD3LM KV depends on the diffusion block structure (a token sees
+    its whole block), so a request with another block size than the served one must never share KV
+    pages with it; the user's own salt is kept in front."""
+    if defaults.family != "bd3lm":
+        return salt
+    block_size = (params.extra_args or {}).get("block_size", defaults.block_size)
+    if block_size == defaults.block_size:
+        return salt
+    return f"{salt or ''}\x1fvllm_blockdiff block_size={block_size}"

@@ -198,3 +198,16 @@ def test_generation_stops_at_the_context_limit(inproc_llm, ref_model):
     got = list(out.outputs[0].token_ids)
     assert len(got) == 24 and out.outputs[0].finish_reason == "length"
     assert got == Case(1000, 24, steps=24).reference(ref_model, prompt)
+
+
+def test_pages_are_shared_only_between_requests_of_one_block_size(inproc_llm, ref_model):
+    """A prompt token's KV depends on the block structure (it sees its whole block): a page computed
+    under block size 16 must not serve a request with block size 32, and vice versa."""
+    prompt = random_prompt(random.Random("blocks"), 150)
+    sixteen, thirty_two = Case(0, 16, block_size=16), Case(0, 16)
+    for case in (sixteen, thirty_two, sixteen, thirty_two):
+        [out] = inproc_llm.generate([{"prompt_token_ids": prompt + [7]}], case.params(), use_tqdm=False)
+        assert list(out.outputs[0].token_ids) == case.reference(ref_model, prompt + [7])
+    first16 = inproc_llm.generate([{"prompt_token_ids": prompt + [8]}], Case(0, 8, block_size=16).params(),
+                                  use_tqdm=False)[0]
+    assert first16.num_cached_tokens == 128  # the block-16 page of the prefix is reused by block 16
