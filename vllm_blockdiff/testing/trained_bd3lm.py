@@ -284,10 +284,9 @@ def _build(out: Path, *, block_size: int, steps: int, seed: int) -> None:
         qwen2._attn_implementation = "sdpa"  # takes the additive 4-D masks as they are
         model = Qwen2ForCausalLM(qwen2)
         with torch.no_grad():  # N(0, 1/fan_in) linear weights (see the module docstring)
-            for layer in model.model.layers:
-                for linear in (*vars(layer.self_attn)["_modules"].values(), *vars(layer.mlp)["_modules"].values()):
-                    if isinstance(linear, torch.nn.Linear):
-                        linear.weight.normal_(0.0, linear.in_features**-0.5)
+            for module in model.model.layers.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.normal_(0.0, module.in_features**-0.5)
         start = time.process_time()
         loss = train(model, block_size=block_size, steps=steps, seed=seed)
         cpu_s = time.process_time() - start
