@@ -32,7 +32,10 @@ _NEEDED = {"self", "prompt", "sampling_params"}
 
 
 def _prompt_len(prompt) -> int | None:
-    token_ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else getattr(prompt, "prompt_token_ids", None)
+    if isinstance(prompt, dict):
+        token_ids = prompt.get("prompt_token_ids")
+    else:
+        token_ids = getattr(prompt, "prompt_token_ids", None)
     return len(token_ids) if token_ids is not None else None
 
 
@@ -41,7 +44,7 @@ def apply() -> None:
     original = cls.__dict__.get("generate")
     if getattr(original, "_blockdiff_patched", False):
         return
-    if original is None or not _NEEDED <= set(inspect.signature(original).parameters):
+    if original is None or not set(inspect.signature(original).parameters) >= _NEEDED:
         raise RuntimeError("engine_patches.async_llm: AsyncLLM.generate changed upstream; update the patch")
     signature = inspect.signature(original)
 

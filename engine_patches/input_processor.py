@@ -15,8 +15,9 @@ under, so pages may only be shared between requests of the same block size.
 Upstream PR: none; removable if vLLM grows a per-model ``validate_sampling_params`` hook.
 Drift guard: raises at apply time if a method, ``_validate_params``'s signature or the
 ``prompt_token_ids``/``sampling_params``/``cache_salt`` fields of ``EngineCoreRequest`` are gone;
-``tests/engine/test_bd3lm_engine.py``/``test_sdlm_engine.py`` (``test_bad_options_are_rejected_and_engine_keeps_serving``)
-and ``tests/serving/test_serve.py`` (HTTP 400) check the rejection end to end.
+``tests/engine/test_bd3lm_engine.py``/``test_sdlm_engine.py``
+(``test_bad_options_are_rejected_and_engine_keeps_serving``) and ``tests/serving/test_serve.py`` (HTTP
+400) check the rejection end to end.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ How: keep the original; for a streamed request with ``vllm_xargs.trace`` run it 
 results that removes the frames and emits them as extra chunks (``object:
 chat.completion.chunk``, empty ``delta``, ``choices[0].blockdiff_trace``) ahead of the step's
 text chunk. Other requests are untouched.
-Also ``OpenAIServingChat.create_chat_completion``: for our models a request carrying one of the removed ``guided_*`` fields
-(which vLLM ignores with a warning) is refused with a 400 naming it, since it asks for constraints
+Also ``OpenAIServingChat.create_chat_completion``: for our models a request carrying one of the removed
+``guided_*`` fields (which vLLM ignores with a warning) is refused with a 400 naming it, since it asks for constraints
 the decoder does not enforce (``engine_patches._common.refuse_guided_fields``).
 Upstream PR: none; removable if vLLM grows a way for a model to stream per-step extras.
 Drift guard: raises at apply time if the method or its ``request``/``result_generator``/

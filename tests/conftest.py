@@ -21,6 +21,18 @@ MASK_ID = 151665
 STOP_IDS = (EOS_ID, PAD_ID)  # generation_config.json eos list: vLLM stops at either
 
 
+# The fast tier (``python -m pytest -m fast``): pure tests that start no engine and no server.
+FAST_PATHS = ("tests/algorithms/", "tests/engine_patches/", "tests/reference/", "tests/test_options.py",
+              "tests/test_request_fields.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.replace("\\", "/")
+        if path.startswith(FAST_PATHS):
+            item.add_marker(pytest.mark.fast)
+
+
 @contextlib.contextmanager
 def env(**values):
     saved = {k: os.environ.get(k) for k in values}

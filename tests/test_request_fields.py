@@ -40,7 +40,8 @@ def test_every_openai_request_field_is_decided():
 
 def test_docs_page_is_rendered_from_the_table():
     page = Path(__file__).resolve().parents[1] / "docs" / "request_fields.md"
-    assert page.read_text() == render_markdown(), "run: python -m vllm_blockdiff.request_fields > docs/request_fields.md"
+    hint = "run: python -m vllm_blockdiff.request_fields > docs/request_fields.md"
+    assert page.read_text() == render_markdown(), hint
 
 
 @pytest.mark.parametrize("family", ["bd3lm", "sdlm"])

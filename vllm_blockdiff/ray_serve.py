@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-
 SETUP_HOOK = "vllm_blockdiff.ray_serve.vllm_import_aliases"
 _MOVED_MODULES = {  # Ray 2.60 imports the first, vLLM 0.33 has the second
     "vllm.entrypoints.launchers.cli_args": "vllm.entrypoints.common.cli_args",

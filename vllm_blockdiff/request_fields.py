@@ -117,10 +117,12 @@ OPENAI_FIELDS: dict[str, FieldRule] = {
     "user": FieldRule(WORKS, WORKS, "accepted and unused, as vLLM", endpoints="C, H"),
     "use_beam_search": FieldRule(REFUSED, REFUSED, "beam search expands one next-token distribution per "
                                  "step; a diffusion step commits a block or a window", endpoints="C, H"),
-    "length_penalty": FieldRule(WORKS, WORKS, "used by beam search only (refused), unused otherwise, as vLLM", endpoints="C, H"),
+    "length_penalty": FieldRule(WORKS, WORKS, "used by beam search only (refused), unused otherwise, as vLLM",
+                                endpoints="C, H"),
     "response_format": FieldRule(REFUSED, REFUSED, "json_object / json_schema / structural_tag become "
                                  "structured_outputs (refused); text works", endpoints="C, H"),
-    "tools": FieldRule(WORKS, WORKS, "rendered by the chat template; tool calls parsed by --tool-call-parser", endpoints="H"),
+    "tools": FieldRule(WORKS, WORKS, "rendered by the chat template; tool calls parsed by --tool-call-parser",
+                       endpoints="H"),
     "tool_choice": FieldRule(WORKS, WORKS, "none / auto work; required or a named function become "
                              "structured_outputs (refused)", endpoints="H"),
     "parallel_tool_calls": FieldRule(WORKS, WORKS, "tool-call parsing", endpoints="H"),
@@ -139,9 +141,11 @@ OPENAI_FIELDS: dict[str, FieldRule] = {
     "priority": FieldRule(WORKS, WORKS, "with --scheduling-policy priority (preemption is safe)", endpoints="C, H"),
     "request_id": FieldRule(WORKS, WORKS, "the response's id", endpoints="C, H"),
     "session_id": FieldRule(WORKS, WORKS, "as vLLM", endpoints="C, H"),
-    "return_token_ids": FieldRule(WORKS, WORKS, "the committed token ids (BD3LM: mask ids the card's eos stop left, never in text)", endpoints="C, H"),
+    "return_token_ids": FieldRule(WORKS, WORKS, "the committed token ids (BD3LM: mask ids the card\'s eos stop "
+                                  "left, never in text)", endpoints="C, H"),
     "return_token_offsets": FieldRule(WORKS, WORKS, "text offsets of the committed tokens", endpoints="C, H"),
-    "return_tokens_as_token_ids": FieldRule(WORKS, WORKS, "logprob tokens as ids (where logprobs work)", endpoints="C, H"),
+    "return_tokens_as_token_ids": FieldRule(WORKS, WORKS, "logprob tokens as ids (where logprobs work)",
+                                            endpoints="C, H"),
     "return_weight_versions": FieldRule(WORKS, WORKS, "vLLM 0.33; as vLLM", endpoints="C, H"),
     "vllm_xargs": FieldRule(OURS, OURS, "the diffusion options (SamplingParams.extra_args)", endpoints="C, H"),
     "kv_transfer_params": FieldRule(REFUSED, REFUSED, "disaggregated prefill needs a KV connector, and a "

@@ -27,7 +27,8 @@ def _child(module: str, *args: str, vllm033: bool) -> dict | str:
     env = dict(os.environ, VLLM_PLUGINS="")  # the drivers register the plugin themselves
     path = [str(REPO)]
     if vllm033:
-        assert (SOURCES / "vllm" / "__init__.py").exists(), f"vLLM 0.33 sources missing at {SOURCES}: run scripts/install.sh"
+        missing = f"vLLM 0.33 sources missing at {SOURCES}: run scripts/install.sh"
+        assert (SOURCES / "vllm" / "__init__.py").exists(), missing
         path.insert(0, str(SOURCES))
         env["VLLM_TARGET_DEVICE"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(path)

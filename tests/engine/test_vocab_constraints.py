@@ -153,7 +153,8 @@ class TestSDLM:
         for prompt, base in zip(prompts, plain):
             base = self.without_stop(base)
             cases = [
-                (dict(logit_bias={base[0]: -40.0, base[2]: 3.0}), RefVocabRules(logit_bias={base[0]: -40.0, base[2]: 3.0})),
+                (dict(logit_bias={base[0]: -40.0, base[2]: 3.0}),
+                 RefVocabRules(logit_bias={base[0]: -40.0, base[2]: 3.0})),
                 (dict(allowed_token_ids=sorted(set(base[:6]) | {PAD_ID})),
                  RefVocabRules(allowed_token_ids=sorted(set(base[:6]) | {PAD_ID}))),
                 (dict(min_tokens=12), RefVocabRules(stop_ids=STOP_IDS, min_tokens=12)),

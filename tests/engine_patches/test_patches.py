@@ -31,10 +31,11 @@ def test_patch_is_documented(name):
 
 
 def _patched_symbols():
-    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
-    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
     from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
     from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.tokenizers.hf import CachedHfTokenizer
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
@@ -43,11 +44,14 @@ def _patched_symbols():
     return {
         "input_processor": [(InputProcessor, "_validate_params"), (InputProcessor, "process_inputs")],
         "async_llm": [(AsyncLLM, "generate")],
+        "tokenizers_hf": [(CachedHfTokenizer, "from_pretrained")],
         "beam_search_online": [(BeamSearchOnlineMixin, "beam_search")],
         "beam_search_offline": [(BeamSearchOfflineMixin, "beam_search")],
         "metrics_loggers": [(PrometheusStatLogger, "__init__")],
-        "openai_completion_serving": [(OpenAIServingCompletion, "completion_stream_generator")],
-        "openai_chat_serving": [(OpenAIServingChat, "chat_completion_stream_generator")],
+        "openai_completion_serving": [(OpenAIServingCompletion, "completion_stream_generator"),
+                                      (OpenAIServingCompletion, "create_completion")],
+        "openai_chat_serving": [(OpenAIServingChat, "chat_completion_stream_generator"),
+                                (OpenAIServingChat, "create_chat_completion")],
         "ray_executor_v2": [(RayWorkerProc, "get_node_and_physical_gpu_ids"),
                             (RayExecutorV2, "_get_actor_resource_kwargs")],
     }

@@ -232,7 +232,7 @@ def test_bd3lm_schedule_helpers():
 
 def test_bd3lm_prompt_tail_does_not_see_chunk(bd3lm_model):
     """The card's variant (prefix KV computed before the chunk) differs from re-encoding the whole staircase."""
-    from .bd3lm_reference import _FullChunkLogits, _forward
+    from .bd3lm_reference import _forward, _FullChunkLogits
 
     prompt = torch.tensor([_prompt(13, seed=5)])  # 13 % 8 = 5 prompt-tail tokens share the chunk's block
     chunk = torch.full((1, 3), MASK_TOKEN_ID)

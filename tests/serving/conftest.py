@@ -6,7 +6,6 @@ import pytest
 
 from tests.serving.server import openai_client, vllm_serve
 
-
 # Tool calling on, so requests with tool_choice "required" / a named function reach the engine's checks.
 TOOLS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
 

@@ -171,7 +171,8 @@ class BD3LMScheduler(BlockDiffScheduler):
             elif self._uncond_filled >= page_start:
                 request._blockdiff_waits = True
             elif filler is None:
-                fill = min(page_start - self._uncond_filled, self._fill_limit, (self.max_model_len - T) // block * block)
+                room = (self.max_model_len - T) // block * block
+                fill = min(page_start - self._uncond_filled, self._fill_limit, room)
                 filler = (request, fill)
                 request.spec_token_ids = [mask] * fill
             else:

@@ -46,6 +46,7 @@ from vllm_blockdiff.engine.scratch import ScratchPages, ScratchUser, slots_of
 from vllm_blockdiff.engine.segments import CanvasRow, StepPlan, StepReport
 from vllm_blockdiff.options import ModelDefaults, SDLMOptions, resolve_sdlm_options
 
+
 class StepKind(enum.Enum):
     """What a window-ready SDLM request does in a step (decided by the scheduler)."""
 
@@ -207,7 +208,9 @@ class SDLMSteps(ScratchUser):
             state = states[req_id]
             if state.options.trace:
                 start, row = rows[0]
-                window = state.draft if state.draft is not None else logits[start : start + row.length].argmax(-1).tolist()
+                window = state.draft
+                if window is None:
+                    window = logits[start : start + row.length].argmax(-1).tolist()
                 report.frames[req_id] = {"kind": "sdlm", "start": int(num_tokens[req_index]), "tokens": list(window),
                                          "accepted": len(tokens)}
         if wanted:

@@ -606,7 +606,8 @@ def build_bd3lm_checkpoint(
     ``tokenizer_config.json``). ``untied_lm_head`` (default, as the hub checkpoints) stores
     ``lm_head.weight`` (random, independent of the embedding) while config.json keeps
     ``tie_word_embeddings: true``, as ZeRO-saved checkpoints do: a correct loader must use the stored
-    tensor; ``untied_lm_head=False`` stores none (the head is the embedding). ``block_size`` (not in the hub config, which leaves it to the sampler's default 32) is
+    tensor; ``untied_lm_head=False`` stores none (the head is the embedding). ``block_size`` (not in the
+    hub config, which leaves it to the sampler's default 32) is
     written to config.json only when given.
     """
     _check_shape(hidden, heads, kv_heads)

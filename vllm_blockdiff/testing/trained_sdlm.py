@@ -180,11 +180,12 @@ def _build(out: Path, *, D: int, steps: int, seed: int) -> None:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    assert SDLM_VOCAB_SIZE == fields["vocab_size"]
+    assert fields["vocab_size"] == SDLM_VOCAB_SIZE
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m vllm_blockdiff.testing.trained_sdlm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vllm_blockdiff.testing.trained_sdlm",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--block-size", type=int, default=4, help="the window D")
     parser.add_argument("--steps", type=int, default=1000)
