@@ -598,6 +598,8 @@ def build_bd3lm_checkpoint(
     untied_lm_head: bool = True,
     dtype: torch.dtype = torch.float32,
     block_size: int | None = None,
+    vocab_size: int = QWEN2_VOCAB_SIZE,
+    mask_token_id: int | None = None,
 ) -> Path:
     """Write a random dLLM A2D-Qwen2 (BD3LM) checkpoint to ``out_dir`` and return its path.
 
@@ -608,7 +610,8 @@ def build_bd3lm_checkpoint(
     ``tie_word_embeddings: true``, as ZeRO-saved checkpoints do: a correct loader must use the stored
     tensor; ``untied_lm_head=False`` stores none (the head is the embedding). ``block_size`` (not in the
     hub config, which leaves it to the sampler's default 32) is
-    written to config.json only when given.
+    written to config.json only when given. ``vocab_size`` below the tokenizer's (benchmarks of the
+    engine's own work) needs a ``mask_token_id`` inside it, written to config.json.
     """
     _check_shape(hidden, heads, kv_heads)
     shape = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate)
@@ -622,10 +625,12 @@ def build_bd3lm_checkpoint(
             "AutoModelForMaskedLM": "modeling_qwen2.A2DQwen2LMHeadModel",
         },
         "model_type": "a2d-qwen2",
-        **_qwen2_config_fields(vocab_size=QWEN2_VOCAB_SIZE, dtype=dtype, **shape),
+        **_qwen2_config_fields(vocab_size=vocab_size, dtype=dtype, **shape),
     }
     if block_size is not None:
         config["block_size"] = block_size
+    if mask_token_id is not None:
+        config["mask_token_id"] = mask_token_id
     _write_json(out / "config.json", config)
     _write_json(
         out / "generation_config.json",
@@ -640,7 +645,7 @@ def build_bd3lm_checkpoint(
         layout="dllm",
     )
     sd = random_qwen2_state_dict(
-        vocab_size=QWEN2_VOCAB_SIZE, store_lm_head=untied_lm_head, seed=seed, dtype=dtype, **shape
+        vocab_size=vocab_size, store_lm_head=untied_lm_head, seed=seed, dtype=dtype, **shape
     )
     _save_weights(out, sd)
     return out
@@ -660,6 +665,8 @@ def build_sdlm_checkpoint(
     dtype: torch.dtype = torch.float32,
     num_shards: int = 2,
     causal_attn_key: str = "casual_attn",
+    vocab_size: int = SDLM_VOCAB_SIZE,
+    mask_token_id: int = MASK_TOKEN_ID,
 ) -> Path:
     """Write a random OpenGVLab SDLM checkpoint (window size ``D``) to ``out_dir`` and return its path.
 
@@ -676,7 +683,7 @@ def build_sdlm_checkpoint(
     shape = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fields = _qwen2_config_fields(vocab_size=SDLM_VOCAB_SIZE, dtype=dtype, **shape)
+    fields = _qwen2_config_fields(vocab_size=vocab_size, dtype=dtype, **shape)
     # SDLM's base is a Qwen2.5 *base* model: eos <|endoftext|>, no pad id in config.json.
     fields["eos_token_id"] = ENDOFTEXT_ID
     fields.pop("pad_token_id")
@@ -694,7 +701,7 @@ def build_sdlm_checkpoint(
         "block_size": D,
         causal_attn_key: False,
         "text_mask_token": SDLM_MASK_TOKEN,
-        "text_mask_token_id": MASK_TOKEN_ID,
+        "text_mask_token_id": mask_token_id,
         **fields,
     }
     _write_json(out / "config.json", config)
@@ -712,7 +719,7 @@ def build_sdlm_checkpoint(
         layout="sdlm",
     )
     sd = random_qwen2_state_dict(
-        vocab_size=SDLM_VOCAB_SIZE, store_lm_head=untied_lm_head, seed=seed, dtype=dtype, **shape
+        vocab_size=vocab_size, store_lm_head=untied_lm_head, seed=seed, dtype=dtype, **shape
     )
     _save_weights(out, sd, num_shards)
     return out
