@@ -51,20 +51,21 @@ def transfer_schedule(num_masks: int, num_steps: int) -> list[int]:
     return [c for c in counts if c > 0]
 
 
-def commit_counts(sorted_confidence: torch.Tensor, num_masked: torch.Tensor, schedule: torch.Tensor,
-                  threshold: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def commit_counts(sorted_confidence: np.ndarray, num_masked: np.ndarray, schedule: np.ndarray,
+                  threshold: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """How many of each chunk's masked positions commit this step (``[N]``), batched.
 
-    ``sorted_confidence`` ``[N, B]``: each chunk's masked confidences in descending order, ``-inf``
-    padded; ``schedule``: the card's count this step; ``threshold``/``factor``: the rules' parameters,
-    ``nan`` where a request uses neither (then exactly the card's count).
+    ``sorted_confidence`` ``[N, B]`` (float32): each chunk's masked confidences in descending order,
+    ``-inf`` padded; ``schedule``: the card's count this step; ``threshold``/``factor``: the rules'
+    parameters, ``nan`` where a request uses neither (then exactly the card's count). The threshold is
+    compared in float32 (as the confidence is), the factor rule in float64.
     """
-    count = torch.minimum(schedule, num_masked)
-    above = (sorted_confidence > threshold[:, None]).sum(dim=1)  # nan compares False
-    n = torch.arange(1, sorted_confidence.shape[1] + 1, device=sorted_confidence.device)
-    fits = (n + 1) * (1 - sorted_confidence) < factor[:, None]
-    leading = torch.cumprod(fits.to(torch.int64), dim=1).sum(dim=1)
-    return torch.minimum(torch.maximum(count, torch.maximum(above, leading)), num_masked)
+    count = np.minimum(schedule, num_masked)
+    above = (sorted_confidence > threshold.astype(np.float32)[:, None]).sum(axis=1)  # nan compares False
+    n = np.arange(1, sorted_confidence.shape[1] + 1)
+    fits = (n + 1) * (1 - sorted_confidence.astype(np.float64)) < factor[:, None]
+    leading = np.cumprod(fits, axis=1).sum(axis=1)
+    return np.minimum(np.maximum(count, np.maximum(above, leading)), num_masked)
 
 
 def gumbel_argmax(
@@ -98,8 +99,8 @@ def perturbed_scores(logits, temperature, generator, positions=None, chunk_len=N
 class ChunkStep:
     """One request's share of a batched denoising step (see :func:`denoise_batch`)."""
 
-    canvas: torch.Tensor  # [chunk_len] int64, CPU
-    positions: torch.Tensor  # [n] int64, CPU: canvas positions that have a logits row (the masked ones)
+    canvas: np.ndarray  # [chunk_len] int64
+    positions: np.ndarray  # [n] int64: canvas positions that have a logits row (the masked ones)
     num_commits: int  # the card's count this step
     temperature: float = 0.0
     remasking: str = "low_confidence"
@@ -113,7 +114,7 @@ class ChunkStep:
 
 @dataclass
 class StepResult:
-    canvases: list[torch.Tensor]  # each request's canvas after the step (CPU)
+    canvases: np.ndarray  # [N, width] int64: each request's canvas after the step (its first len(canvas))
     committed: list[int]  # positions committed this step, per request
 
 
@@ -141,8 +142,9 @@ def denoise_step(
     """
     if positions is None:
         positions = torch.arange(canvas.shape[0])
-    step = ChunkStep(canvas, positions, num_commits, temperature, remasking, generator, threshold, factor)
-    return denoise_batch(logits, [step], mask_id).canvases[0]
+    step = ChunkStep(canvas.numpy(), positions.numpy(), num_commits, temperature, remasking, generator, threshold,
+                     factor)
+    return torch.from_numpy(denoise_batch(logits, [step], mask_id).canvases[0, : len(canvas)].copy())
 
 
 _SOFTMAX_ROWS = 256  # bounds the [rows, vocab] probability buffer (vocab ~152k: 155 MB in fp32)
@@ -172,11 +174,12 @@ def _output_sequence(step: ChunkStep, canvas: np.ndarray, mask_id: int) -> list[
 def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) -> StepResult:
     """One denoising step for many chunks; ``logits`` rows follow ``steps`` (and their positions) in order.
 
-    The vocabulary-wide work (constraints, argmax, softmax) and the commit rules run batched on the
-    logits' device, with one device-to-host copy of the new canvases at the end. What stays per
-    request is what must: its own generator's draws (Gumbel noise, random confidences, drawn
-    exactly as the card draws them, so batching never changes a result) and the bad-word checks
-    of requests that have multi-token bad words.
+    The vocabulary-wide work (constraints, argmax, softmax) runs batched on the logits' device; one
+    device-to-host copy brings back each row's token and confidence, and the commit rules run on those
+    for all chunks at once (vectorized: a ``[requests, width]`` matrix). What stays per request is what
+    must: its own generator's draws (Gumbel noise, random confidences, drawn exactly as the card draws
+    them, so batching never changes a result) and the bad-word checks of requests with multi-token bad
+    words.
     """
     device = logits.device
     num = len(steps)
@@ -185,9 +188,7 @@ def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) ->
     width = max(len(s.canvas) for s in steps)
     canvases = np.full((num, width), mask_id, dtype=np.int64)
     for i, step in enumerate(steps):
-        canvases[i, : len(step.canvas)] = step.canvas.numpy()
-    row_req = torch.from_numpy(np.repeat(np.arange(num), rows_per)).to(device)
-    row_pos = torch.from_numpy(np.concatenate([s.positions.numpy() for s in steps])).to(device)
+        canvases[i, : len(step.canvas)] = step.canvas
 
     scores_of = {}  # request -> the scores its x0 came from, for bad-word re-choices
     constrained = [i for i, s in enumerate(steps) if s.constraints is not None and rows_per[i]]
@@ -196,70 +197,68 @@ def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) ->
         for i in constrained:
             step, rows = steps[i], slice(offsets[i], offsets[i + 1])
             seq = _output_sequence(step, canvases[i, : len(step.canvas)], mask_id)
-            indices = (step.output_start + step.positions.numpy()).tolist()
-            logits[rows] = step.constraints.apply(logits[rows], seq, indices)
+            logits[rows] = step.constraints.apply(logits[rows], seq, (step.output_start + step.positions).tolist())
     x0 = logits.argmax(dim=-1)
     for i, step in enumerate(steps):
         if step.temperature > 0 and rows_per[i]:
             rows = slice(offsets[i], offsets[i + 1])
-            scores = perturbed_scores(logits[rows], step.temperature, step.generator, step.positions,
-                                      step.canvas.shape[0])
+            scores = perturbed_scores(logits[rows], step.temperature, step.generator,
+                                      torch.from_numpy(step.positions), len(step.canvas))
             x0[rows] = scores.argmax(dim=-1)
             if step.constraints is not None and step.constraints.sequences:
                 scores_of[i] = scores
     confidence = _chosen_probability(logits, x0)
     for i, step in enumerate(steps):
         if step.remasking == "random" and rows_per[i]:
-            draws = torch.rand((step.canvas.shape[0],), generator=step.generator, device=device)
-            confidence[offsets[i] : offsets[i + 1]] = draws[step.positions.to(device)]
+            draws = torch.rand((len(step.canvas),), generator=step.generator, device=device)
+            confidence[offsets[i] : offsets[i + 1]] = draws[torch.from_numpy(step.positions).to(device)]
         elif step.remasking not in REMASKING_MODES:
             raise ValueError(f"unknown remasking {step.remasking!r}; expected one of {REMASKING_MODES}")
+    # The one copy to the host: tokens (exact in float64) and confidences.
+    rows = torch.stack([x0.to(torch.float64), confidence.to(torch.float64)]).cpu().numpy()
 
-    current = torch.from_numpy(canvases).to(device)
-    conf = torch.full((num, width), -math.inf, device=device)
-    conf[row_req, row_pos] = confidence
-    conf = torch.where(current == mask_id, conf, -math.inf)  # committed positions never change
-    proposal = torch.zeros((num, width), dtype=torch.int64, device=device)
-    proposal[row_req, row_pos] = x0
-    sorted_conf, order = torch.sort(conf, dim=1, descending=True, stable=True)
+    row_req = np.repeat(np.arange(num), rows_per)
+    row_pos = np.concatenate([s.positions for s in steps])
+    conf = np.full((num, width), -np.inf, dtype=np.float32)
+    conf[row_req, row_pos] = rows[1]
+    conf[canvases != mask_id] = -np.inf  # committed positions never change
+    proposal = canvases.copy()
+    proposal[row_req, row_pos] = rows[0].astype(np.int64)
+    order = np.argsort(-conf, axis=1, kind="stable")  # descending, ties toward the lower position
+    sorted_conf = np.take_along_axis(conf, order, axis=1)
 
-    def column(values, fill=math.nan):
-        return torch.tensor([fill if v is None else v for v in values], dtype=torch.float32, device=device)
+    def column(values):
+        return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
 
-    counts = commit_counts(
-        sorted_conf, torch.isfinite(conf).sum(dim=1), column([s.num_commits for s in steps]).long(),
-        column([s.threshold for s in steps]), column([s.factor for s in steps]),
-    )
-    chosen = torch.arange(width, device=device)[None, :] < counts[:, None]
-    commit = torch.zeros((num, width), dtype=torch.bool, device=device).scatter_(1, order, chosen)
-    new = torch.where(commit, proposal, current)
+    counts = commit_counts(sorted_conf, np.isfinite(conf).sum(axis=1), np.array([s.num_commits for s in steps]),
+                           column([s.threshold for s in steps]), column([s.factor for s in steps]))
+    commit = np.zeros((num, width), dtype=bool)
+    np.put_along_axis(commit, order, np.arange(width)[None, :] < counts[:, None], axis=1)
+    new = np.where(commit, proposal, canvases)
     for i, step in enumerate(steps):
         if step.constraints is not None and step.constraints.sequences and rows_per[i]:
-            new[i] = _recheck_bad_words(step, new[i], current[i], order[i, : int(counts[i])], proposal[i],
-                                        logits[offsets[i] : offsets[i + 1]], scores_of.get(i), mask_id)
-    new_cpu, counts_cpu = new.cpu(), counts.cpu().tolist()
-    return StepResult([new_cpu[i, : len(s.canvas)] for i, s in enumerate(steps)], counts_cpu)
+            _recheck_bad_words(step, new[i], canvases[i], order[i, : counts[i]], proposal[i],
+                               logits[offsets[i] : offsets[i + 1]], scores_of.get(i), mask_id)
+    return StepResult(new, counts.tolist())
 
 
-def _recheck_bad_words(step: ChunkStep, new: torch.Tensor, current: torch.Tensor, committed: torch.Tensor,
-                       proposal: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor | None,
-                       mask_id: int) -> torch.Tensor:
+def _recheck_bad_words(step: ChunkStep, new: np.ndarray, current: np.ndarray, committed: np.ndarray,
+                       proposal: np.ndarray, logits: torch.Tensor, scores: torch.Tensor | None,
+                       mask_id: int) -> None:
     """Commits of one step placed one by one in confidence order; a token that would complete a
-    multi-token bad word with the tokens placed so far is replaced by its row's best allowed one."""
+    multi-token bad word with the tokens placed so far is replaced by its row's best allowed one.
+    Writes ``new`` (the request's row of the step's result) in place."""
     n = len(step.canvas)
-    canvas = current[:n].cpu().numpy().copy()
+    canvas = current[:n].copy()
     row_of = {int(p): r for r, p in enumerate(step.positions.tolist())}
-    start = step.output_start
     scores = logits if scores is None else scores
     for position in committed.tolist():
         seq = _output_sequence(step, canvas, mask_id)
         token = int(proposal[position])
-        banned = step.constraints.banned_at(seq, start + position)
+        banned = step.constraints.banned_at(seq, step.output_start + position)
         if token in banned:
             row = scores[row_of[position]].clone()
             row[list(banned)] = -math.inf
             token = int(row.argmax())
         canvas[position] = token
-    out = new.clone()
-    out[:n] = torch.from_numpy(canvas).to(out.device)
-    return out
+    new[:n] = canvas

@@ -41,7 +41,7 @@ class ChunkState:
     """One request's chunk being denoised."""
 
     start: int  # absolute position of the chunk's first slot
-    canvas: torch.Tensor  # [chunk_len] int64, mask ids where not yet committed
+    canvas: np.ndarray  # [chunk_len] int64, mask ids where not yet committed
     commits: list[int]  # tokens to commit at each remaining step (the card's uniform split)
 
 
@@ -86,8 +86,8 @@ class BD3LMSteps(ScratchUser):
             return
         if state.chunk is None or state.chunk.start != start:
             schedule = bd3lm.transfer_schedule(n, state.options.steps_per_block)
-            state.chunk = ChunkState(start, torch.full((n,), self.mask_id, dtype=torch.long), schedule)
-        token_ids[start : start + n] = state.chunk.canvas.numpy()
+            state.chunk = ChunkState(start, np.full(n, self.mask_id, dtype=np.int64), schedule)
+        token_ids[start : start + n] = state.chunk.canvas
 
     def plan(self, plan: StepPlan, req_index: int, req_id: str, state: BD3LMRequestState,
              computed: int, num_sched: int, num_masks: int, offset: int, token_ids: np.ndarray) -> None:
@@ -102,7 +102,7 @@ class BD3LMSteps(ScratchUser):
             self._plan_fill(plan, req_index, first, num_masks, block_size)
             return
         plan.add(req_index, n, T + n, causal=False)
-        masked = np.flatnonzero(state.chunk.canvas.numpy() == self.mask_id)
+        masked = np.flatnonzero(state.chunk.canvas == self.mask_id)
         plan.canvases.append(CanvasRow(req_index, req_id, first, n, masked))
         if state.options.cfg_scale:
             self._plan_unconditional(plan, req_index, req_id, T, first + n, state, masked)
@@ -127,7 +127,7 @@ class BD3LMSteps(ScratchUser):
         pages = np.concatenate([self.scratch.shared(self.scratch_first_page)[: page_start // self.page],
                                 region[:used]])
         positions = np.arange(page_start, T + n)
-        token_ids = np.concatenate([np.full(T - page_start, self.mask_id), state.chunk.canvas.numpy()])
+        token_ids = np.concatenate([np.full(T - page_start, self.mask_id), state.chunk.canvas])
         plan.override_tokens(np.arange(first, first + len(positions)), positions, token_ids,
                              slots_of(positions, region, page_start, self.page))
         add_block_causal_segments(plan, req_index, page_start, T, state.options.block_size, pages=(0, pages))
@@ -149,7 +149,7 @@ class BD3LMSteps(ScratchUser):
             if state.constraints is not None and state.constraints.sequences:
                 output = batch.token_ids_cpu[row.req_index, state.num_prompt_tokens : chunk.start].tolist()
             steps.append(bd3lm.ChunkStep(
-                chunk.canvas, torch.from_numpy(row.logit_positions), chunk.commits.pop(0), opts.temperature,
+                chunk.canvas, row.logit_positions, chunk.commits.pop(0), opts.temperature,
                 opts.remasking, state.generator, opts.threshold, opts.factor, state.constraints,
                 chunk.start - state.num_prompt_tokens, output,
             ))
@@ -157,17 +157,28 @@ class BD3LMSteps(ScratchUser):
         if not steps:
             return report
         result = bd3lm.denoise_batch(logits, steps, self.mask_id)
-        for row, canvas, committed in zip(canvases, result.canvases, result.committed):
+        new = result.canvases  # [requests, width], padded with mask ids
+        eos = np.array([-1 if states[row.req_id].eos_token_id is None else states[row.req_id].eos_token_id
+                        for row in canvases])
+        # A chunk ends when its steps are used up, when no mask is left, or at eos (the card's stop).
+        ends = ~(new == self.mask_id).any(axis=1) | (new == eos[:, None]).any(axis=1)
+        finished = []
+        for i, (row, committed) in enumerate(zip(canvases, result.committed)):
             state = states[row.req_id]
-            state.chunk.canvas = canvas
+            chunk = state.chunk
+            chunk.canvas = new[i, : row.length].copy()
             report.commits[row.req_id] = committed
             if state.options.trace:
-                report.frames[row.req_id] = {"kind": "bd3lm", "start": state.chunk.start, "tokens": canvas.tolist(),
+                report.frames[row.req_id] = {"kind": "bd3lm", "start": chunk.start, "tokens": chunk.canvas.tolist(),
                                              "mask": self.mask_id, "committed": committed}
-            done = not state.chunk.commits or not bool((canvas == self.mask_id).any())
-            if done or (state.eos_token_id is not None and bool((canvas == state.eos_token_id).any())):
-                out[row.req_index, : row.length] = canvas.to(torch.int32)
+            if ends[i] or not chunk.commits:
+                finished.append((row, chunk.canvas))
                 state.chunk = None
+        if finished:
+            rows = np.concatenate([np.full(len(c), row.req_index) for row, c in finished])
+            cols = np.concatenate([np.arange(len(c)) for _, c in finished])
+            out[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(
+                np.concatenate([c for _, c in finished]).astype(np.int32))
         return report
 
     @staticmethod
