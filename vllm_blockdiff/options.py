@@ -236,6 +236,10 @@ def resolve_sdlm_options(params: Any, defaults: ModelDefaults) -> SDLMOptions:
     # A self-speculative token commits from the window of an earlier step (the draft).
     _check(params.logprobs is None or alg != "self_speculative",
            "logprobs are available with alg prob_conf and entropy_conf, not self_speculative", "logprobs")
+    _check(params.structured_outputs is None or alg != "self_speculative",
+           "structured_outputs are enforced with alg prob_conf and entropy_conf, not self_speculative (its "
+           "tokens commit from drafts of an earlier window, which the grammar's bitmask never saw)",
+           "structured_outputs")
     top_k = params.top_k if params.top_k is not None else 0
     return SDLMOptions(
         alg=alg,

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 UNKNOWN = -1  # a position of the output whose token is not decided yet
@@ -119,3 +120,13 @@ def allowed_prefix(constraints: VocabConstraints, output: Sequence[int], tokens:
             return j
         seq.append(token)
     return len(tokens)
+
+
+def allowed_by_bitmask(bitmask: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """A grammar's packed token bitmask (int32 words, bit 1 = allowed, vLLM/xgrammar layout), unpacked to
+    ``[rows, vocab_size]`` bools."""
+    bits = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=-1, bitorder="little")
+    allowed = np.zeros((bits.shape[0], vocab_size), dtype=bool)
+    width = min(vocab_size, bits.shape[1])
+    allowed[:, :width] = bits[:, :width]
+    return torch.from_numpy(allowed)

@@ -135,9 +135,10 @@ class BD3LMSteps(ScratchUser):
         plan.canvases.append(CanvasRow(req_index, req_id, first + T - page_start, n, masked, unconditional=True))
 
     def sample(self, logits: torch.Tensor, plan: StepPlan, states: dict, out: torch.Tensor,
-               batch) -> StepReport:
+               batch, grammar=None) -> StepReport:
         """One batched denoising step; finished chunks are written to ``out`` rows. Returns, per
-        request, how many positions committed, and the trace frames (the canvas after the step)."""
+        request, how many positions committed, and the trace frames (the canvas after the step).
+        ``grammar`` is always None: structured outputs are refused for BD3LM at admission."""
         logits, canvases = self._guided(logits, plan.canvases, states)
         steps = []
         for row in canvases:

@@ -156,15 +156,19 @@ class BlockDiffRunnerMixin:
         # Width >= 2 so vLLM strips the -1 padding of requests that commit nothing this step.
         width = max([2] + [c.length for c in plan.canvases])
         out = torch.full((self.input_batch.num_reqs, width), -1, dtype=torch.int32)
+        grammar, self._grammar_output = getattr(self, "_grammar_output", None), None
         if plan.canvases:
-            report = self._steps.sample(logits, plan, self._states, out, self.input_batch)
+            report = self._steps.sample(logits, plan, self._states, out, self.input_batch, grammar)
             for req_id, frame in report.frames.items():
                 frame["position"] = frame.pop("start") - self.requests[req_id].num_prompt_tokens
             self._report = report
         return SamplerOutput(sampled_token_ids=out.to(self.device), logprobs_tensors=plan.logprobs)
 
-    def sample_tokens(self, *args, **kwargs):
-        output = super().sample_tokens(*args, **kwargs)
+    def sample_tokens(self, grammar_output=None, *args, **kwargs):
+        # vLLM would apply the grammar's bitmask rows to its own logits layout (a row per request and
+        # draft); ours are segments, so the family's step applies them (SDLM: row 0 of each window).
+        self._grammar_output = grammar_output
+        output = super().sample_tokens(None, *args, **kwargs)
         report, self._report = getattr(self, "_report", None), None
         if report is not None and isinstance(output, ModelRunnerOutput):
             # Extras the scheduler reads (the Ray executor pickles the whole output, so they arrive):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from vllm.v1.core.sched.output import GrammarOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
@@ -352,7 +353,34 @@ class SDLMScheduler(BlockDiffScheduler):
         # Masks never reach past the context (at least one fits while the request runs).
         return min(self._num_masks, self.max_model_len - L)
 
+    def get_grammar_bitmask(self, scheduler_output):
+        """Structured outputs: one bitmask row per constrained request, for window row 0 (the next
+        token after what is committed). vLLM would fill a row per draft position by advancing the
+        grammar through the drafts, here mask placeholders the grammar rejects; the later window
+        rows are checked after the step instead (``_grammar_valid``)."""
+        if not scheduler_output.has_structured_output_requests:
+            return None
+        ids = [req_id for req_id in scheduler_output.scheduled_spec_decode_tokens
+               if (request := self.requests.get(req_id)) is not None and request.use_structured_output]
+        if not ids:
+            return None
+        bitmask = self.structured_output_manager.grammar_bitmask(self.requests, ids, {})
+        return GrammarOutput(ids, bitmask, [0] * len(ids))
+
+    def _grammar_valid(self, scheduler_output, model_runner_output) -> None:
+        """Cut each constrained request's committed run at the first token its grammar rejects (row 0
+        was sampled under the grammar's bitmask, so at least that one stands)."""
+        sampled = model_runner_output.sampled_token_ids
+        for req_id in scheduler_output.scheduled_spec_decode_tokens:
+            request = self.requests.get(req_id)
+            index = model_runner_output.req_id_to_index.get(req_id)
+            if request is None or not request.use_structured_output or index is None or not sampled[index]:
+                continue
+            sampled[index] = self.structured_output_manager.validate_tokens(request, list(sampled[index]))
+
     def update_from_output(self, scheduler_output, model_runner_output):
+        if model_runner_output.sampled_token_ids:
+            self._grammar_valid(scheduler_output, model_runner_output)
         windows = scheduler_output.scheduled_spec_decode_tokens
         num_tokens_before = {}
         for req_id, placeholders in list(windows.items()):

@@ -41,7 +41,7 @@ import torch
 from vllm.v1.outputs import LogprobsTensors
 
 from vllm_blockdiff.algorithms import sdlm
-from vllm_blockdiff.algorithms.constraints import VocabConstraints, allowed_prefix
+from vllm_blockdiff.algorithms.constraints import VocabConstraints, allowed_by_bitmask, allowed_prefix
 from vllm_blockdiff.engine.scratch import ScratchPages, ScratchUser, slots_of
 from vllm_blockdiff.engine.segments import CanvasRow, StepPlan, StepReport
 from vllm_blockdiff.options import ModelDefaults, SDLMOptions, resolve_sdlm_options
@@ -162,9 +162,11 @@ class SDLMSteps(ScratchUser):
             k += len(positions)
 
     def sample(self, logits: torch.Tensor, plan: StepPlan, states: dict, out: torch.Tensor,
-               batch) -> StepReport:
+               batch, grammar=None) -> StepReport:
         """Committed tokens of every window-ready request, written to ``out`` rows. Reports the trace
-        frames (each traced request's window predictions and how many committed)."""
+        frames (each traced request's window predictions and how many committed). ``grammar`` (vLLM's
+        ``GrammarOutput``: one bitmask row per constrained request) constrains window row 0; the
+        scheduler cuts the rest of the run at the first token the grammar rejects."""
         num_tokens, token_ids = batch.num_tokens_no_spec, batch.token_ids_cpu
         grouped: dict[str, list[tuple[int, CanvasRow]]] = {}
         start = 0
@@ -177,6 +179,8 @@ class SDLMSteps(ScratchUser):
                    for req_id, rows in grouped.items() if states[req_id].constraints is not None}
         if outputs:
             logits = self._constrained(logits, grouped, states, outputs)
+        if grammar is not None:
+            logits = self._under_grammar(logits, grouped, grammar, raw_logits)
         committed: dict[str, list[int]] = {}
         windows = []  # (req_id, logits start, row) of the confidence-decoded requests
         for req_id, rows in grouped.items():
@@ -216,6 +220,19 @@ class SDLMSteps(ScratchUser):
         if wanted:
             plan.logprobs = committed_logprobs(raw_logits, wanted, out.shape)
         return report
+
+    @staticmethod
+    def _under_grammar(logits: torch.Tensor, grouped: dict, grammar, raw_logits: torch.Tensor) -> torch.Tensor:
+        """Window row 0 of each constrained request: tokens its grammar's bitmask rules out get ``-inf``."""
+        if logits is raw_logits:
+            logits = logits.float().clone()
+        rows = [grouped[req_id][0][0] for req_id in grammar.structured_output_request_ids if req_id in grouped]
+        keep = [i for i, req_id in enumerate(grammar.structured_output_request_ids) if req_id in grouped]
+        if rows:
+            allowed = allowed_by_bitmask(grammar.grammar_bitmask[keep], logits.shape[-1]).to(logits.device)
+            index = torch.tensor(rows, device=logits.device)
+            logits[index] = logits[index].masked_fill(~allowed, -torch.inf)
+        return logits
 
     def _constrained(self, logits: torch.Tensor, grouped: dict, states: dict, outputs: dict) -> torch.Tensor:
         """The logits with each constrained request's rows masked and biased (``algorithms/constraints``).
