@@ -60,3 +60,21 @@ def test_allowed_prefix_stops_before_a_completed_bad_word():
     # The first token is trusted: its row was constrained with the whole output known.
     assert allowed_prefix(constraints, [1, 7], [8, 9]) == 2
     assert allowed_prefix(constraints, [1, 2], [7, 9, 8]) == 3
+
+
+def test_bitmask_unpacking_matches_the_word_layout():
+    """vLLM/xgrammar bitmasks: int32 words, token t allowed iff bit t % 32 of word t // 32 is set."""
+    import numpy as np
+
+    from vllm_blockdiff.algorithms.constraints import allowed_by_bitmask
+
+    rng = random.Random(5)
+    vocab = 100
+    allowed = [[rng.random() < 0.3 for _ in range(vocab)] for _ in range(3)]
+    words = np.zeros((3, (vocab + 31) // 32), dtype=np.int32)
+    for r, row in enumerate(allowed):
+        for t, ok in enumerate(row):
+            if ok:
+                words[r, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+    assert allowed_by_bitmask(words, vocab).tolist() == allowed
+    assert allowed_by_bitmask(words, vocab + 40)[:, vocab:].sum() == 0  # the model's padding rows
