@@ -99,3 +99,13 @@ def test_window_predictions_are_the_argmax_or_a_seeded_draw():
     sampled = sdlm.WindowRequest(2, temperature=1.0, generator=torch.Generator().manual_seed(3))
     again = sdlm.WindowRequest(2, temperature=1.0, generator=torch.Generator().manual_seed(3))
     assert sdlm.window_predictions(logits, sampled) == sdlm.window_predictions(logits, again)
+
+
+def test_greedy_windows_in_rounds_and_in_one_pass_agree():
+    """The CPU path (rows in rounds) and the accelerator path (every row at once) commit the same."""
+    g = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        requests = [sdlm.WindowRequest(4, threshold=t, entropy_conf=e)
+                    for t, e in [(0.0, False), (0.2, False), (0.5, True), (0.9, False), (2.0, False)]]
+        logits = torch.randn(4 * len(requests), 50, generator=g) * 3
+        assert sdlm.commit_windows(logits, requests, rounds=True) == sdlm.commit_windows(logits, requests, rounds=False)

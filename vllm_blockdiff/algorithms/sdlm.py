@@ -16,6 +16,7 @@ algorithm's gain is speed, from verifying D drafts in one packed pass.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 ALGORITHMS = ("prob_conf", "entropy_conf", "self_speculative")
@@ -116,26 +117,31 @@ def _greedy_round(logits: torch.Tensor, entropy: list[bool], thresholds: list[fl
     return tokens, confident
 
 
-def commit_windows(logits: torch.Tensor, requests: list[WindowRequest]) -> list[list[int]]:
+def commit_windows(logits: torch.Tensor, requests: list[WindowRequest], rounds: bool | None = None) -> list[list[int]]:
     """The committed tokens of every request's window; ``logits`` rows follow ``requests`` in order.
 
     Sampled or filtered requests run :func:`sample_window` on their whole window with their own
-    generator (the random stream never depends on the batch). Greedy requests are decided in
-    rounds over window positions: round j computes row j only for the requests whose rows
-    ``0..j-1`` were all confident, since no later row can commit otherwise. That skips most of the
-    vocabulary-wide softmax work, which dominates a step on CPU.
+    generator (the random stream never depends on the batch). Greedy requests are decided together:
+
+    - ``rounds`` (the default on CPU): in rounds over window positions; round j computes row j only for
+      the requests whose rows ``0..j-1`` were all confident, since no later row can commit otherwise.
+      That skips most of the vocabulary-wide softmax work, which dominates a CPU step.
+    - otherwise (accelerators, where a step is bound by launches and syncs): every row at once, one
+      device-to-host copy of tokens and confidence flags, the leading runs found on the host.
+
+    Both give the same tokens.
     """
     starts, start = [], 0
     for request in requests:
         starts.append(start)
         start += request.num_rows
     committed: list[list[int]] = [[] for _ in requests]
-    running = []
+    greedy = []
     for i, request in enumerate(requests):
         if not request.num_rows:
             continue
         if request.greedy:
-            running.append(i)
+            greedy.append(i)
             continue
         rows = logits[starts[i] : starts[i] + request.num_rows]
         tokens, confidence = sample_window(rows, temperature=request.temperature, top_p=request.top_p,
@@ -143,7 +149,17 @@ def commit_windows(logits: torch.Tensor, requests: list[WindowRequest]) -> list[
                                            generator=request.generator)
         n = accept_length(confidence.cpu(), request.threshold)
         committed[i] = tokens[:n].tolist()
-    j = 0
+    if not greedy:
+        return committed
+    if rounds if rounds is not None else logits.device.type == "cpu":
+        _greedy_in_rounds(logits, requests, starts, greedy, committed)
+    else:
+        _greedy_in_one_pass(logits, requests, starts, greedy, committed)
+    return committed
+
+
+def _greedy_in_rounds(logits, requests, starts, greedy, committed) -> None:
+    running, j = greedy, 0
     while running:
         rows = torch.tensor([starts[i] + j for i in running], device=logits.device)
         tokens, confident_rows = _greedy_round(
@@ -158,7 +174,21 @@ def commit_windows(logits: torch.Tensor, requests: list[WindowRequest]) -> list[
             if confident and j + 1 < requests[i].num_rows:
                 still.append(i)
         running, j = still, j + 1
-    return committed
+
+
+def _greedy_in_one_pass(logits, requests, starts, greedy, committed) -> None:
+    index = torch.cat([torch.arange(starts[i], starts[i] + requests[i].num_rows) for i in greedy])
+    counts = [requests[i].num_rows for i in greedy]
+    owner = np.repeat(np.arange(len(greedy)), counts)
+    tokens, confident = _greedy_round(logits.index_select(0, index.to(logits.device)),
+                                      [requests[greedy[k]].entropy_conf for k in owner],
+                                      [requests[greedy[k]].threshold for k in owner])
+    offset = 0
+    for i, n in zip(greedy, counts):
+        run = confident[offset : offset + n]
+        accepted = max(1, run.index(False) if False in run else n)
+        committed[i] = tokens[offset : offset + accepted]
+        offset += n
 
 
 def accept_length(confidence: torch.Tensor, threshold: float) -> int:

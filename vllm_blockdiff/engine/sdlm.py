@@ -197,6 +197,7 @@ class SDLMSteps(ScratchUser):
             for (req_id, _, _), tokens in zip(windows, sdlm.commit_windows(window_logits, requests)):
                 committed[req_id] = tokens
         report, wanted = StepReport(), []
+        rows_out = np.full(tuple(out.shape), -1, dtype=np.int32)
         window_start = {req_id: start for req_id, start, _ in windows}
         for req_id, rows in grouped.items():
             req_index = rows[0][1].req_index
@@ -206,7 +207,7 @@ class SDLMSteps(ScratchUser):
             if constraints is not None and constraints.sequences:
                 tokens = tokens[: allowed_prefix(constraints, outputs[req_id], tokens)]
             if tokens:
-                out[req_index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+                rows_out[req_index, : len(tokens)] = tokens
                 if states[req_id].options.logprobs is not None:
                     wanted.append((req_index, window_start[req_id], tokens, states[req_id].options.logprobs))
             state = states[req_id]
@@ -217,6 +218,7 @@ class SDLMSteps(ScratchUser):
                     window = logits[start : start + row.length].argmax(-1).tolist()
                 report.frames[req_id] = {"kind": "sdlm", "start": int(num_tokens[req_index]), "tokens": list(window),
                                          "accepted": len(tokens)}
+        out.copy_(torch.from_numpy(rows_out))
         if wanted:
             plan.logprobs = committed_logprobs(raw_logits, wanted, out.shape)
         return report
