@@ -30,18 +30,25 @@ def test_bd3lm_tensor_parallel_over_ray_is_the_single_worker_output(ray_cluster,
     from vllm import SamplingParams
 
     rng = random.Random(0)
-    prompts = [random_prompt(rng, rng.randint(3, 60)) for _ in range(6)]
+    # The card's schedule and both parallel rules (low values: this random model is never confident).
+    rules = [{}, {"threshold": 0.004}, {"factor": 3.0}] * 2
+    prompts = [random_prompt(rng, rng.randint(3, 60)) for _ in rules]
     llm = tensor_parallel_llm(bd3lm_ckpt)
     try:
         assert llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend == "ray"
-        params = SamplingParams(max_tokens=40, temperature=0.0, extra_args={"steps": 20, "block_size": 16})
+        params = [SamplingParams(max_tokens=40, temperature=0.0, extra_args={"steps": 20, "block_size": 16, **rule})
+                  for rule in rules]
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     finally:
         llm.llm_engine.engine_core.shutdown()
     model = load_reference_model(bd3lm_ckpt)
-    for prompt, out in zip(prompts, outs):
-        expected = generate_bd3lm(model, prompt, max_new_tokens=40, steps=20, block_size=16, eos_ids=(151645,))
+    for rule, prompt, out in zip(rules, prompts, outs):
+        forwards = []
+        expected = generate_bd3lm(model, prompt, max_new_tokens=40, steps=20, block_size=16, eos_ids=(151645,),
+                                  forwards=forwards, **rule)
         assert list(out.outputs[0].token_ids) == truncate_at_stop(expected)
+        # Per-step commit counts ride the runner's output through the Ray executor.
+        assert sum(out.outputs[0].spec_decode_metrics.histogram) == forwards[0]
 
 
 def test_sdlm_tensor_parallel_over_ray_is_the_single_worker_output(ray_cluster, sdlm4_ckpt, reference_threads):

@@ -158,11 +158,12 @@ class BD3LMSteps(ScratchUser):
         if not steps:
             return report
         result = bd3lm.denoise_batch(logits, steps, self.mask_id)
-        new = result.canvases  # [requests, width], padded with mask ids
+        new = result.canvases  # [requests, width], padded with mask ids past each canvas's length
+        inside = np.arange(new.shape[1])[None, :] < np.array([row.length for row in canvases])[:, None]
         eos = np.array([-1 if states[row.req_id].eos_token_id is None else states[row.req_id].eos_token_id
                         for row in canvases])
         # A chunk ends when its steps are used up, when no mask is left, or at eos (the card's stop).
-        ends = ~(new == self.mask_id).any(axis=1) | (new == eos[:, None]).any(axis=1)
+        ends = ~((new == self.mask_id) & inside).any(axis=1) | ((new == eos[:, None]) & inside).any(axis=1)
         finished = []
         for i, (row, committed) in enumerate(zip(canvases, result.committed)):
             state = states[row.req_id]

@@ -203,7 +203,7 @@ class BD3LMScheduler(BlockDiffScheduler):
                 spec_decoding_stats = SpecDecodingStats.new(self._defaults.block_size - 1)
             for req_id, n in commits.items():
                 request = self.requests.get(req_id)
-                if request is not None:
+                if request is not None and n:
                     observe_block_forward(spec_decoding_stats, self._options(request).block_size, n)
         return super().make_stats(spec_decoding_stats, *args, **kwargs)
 
@@ -211,7 +211,7 @@ class BD3LMScheduler(BlockDiffScheduler):
         self._step_commits = getattr(model_runner_output, "blockdiff_commits", None) or {}
         for req_id, n in self._step_commits.items():
             request = self.requests.get(req_id)
-            if request is not None and request.spec_decode_metrics is not None:
+            if request is not None and request.spec_decode_metrics is not None and n:
                 request.spec_decode_metrics.observe(self._options(request).block_size - 1, n - 1)
         try:
             outputs = self._update_from_output(scheduler_output, model_runner_output)

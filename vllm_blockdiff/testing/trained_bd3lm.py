@@ -83,8 +83,8 @@ from vllm_blockdiff.testing.tiny_checkpoints import (
 
 _FORMAT_VERSION = 1  # bump when training changes, to invalidate cached checkpoints
 SHAPE = dict(hidden=128, layers=4, heads=2, kv_heads=1, intermediate=256)  # head_dim 64
-TASKS = ("copy", "sort")
-MIN_DIGITS, MAX_DIGITS = 4, 16
+DIGITS = {"copy": (4, 16), "sort": (4, 12)}  # task -> (min, max) number of digits
+TASKS = tuple(DIGITS)
 EOS_SMOOTHING = 0.4
 HELDOUT_SEED = 1_000_003  # training draws its prompts from random.Random(seed) with small seeds
 _TIME_EPS = 1e-3  # t ~ U(eps, 1), as dLLM's time_epsilon
@@ -94,11 +94,11 @@ _TIME_EPS = 1e-3  # t ~ U(eps, 1), as dLLM's time_epsilon
 # The task
 # ---------------------------------------------------------------------------------------------------------
 def sample_prompt(rng: random.Random, task: str | None = None) -> str:
-    """A prompt ``"<task> <digits>="`` with 4..16 random digits (task drawn uniformly unless given)."""
+    """A prompt ``"<task> <digits>="`` (task drawn uniformly unless given, length uniform in ``DIGITS[task]``)."""
     task = task or rng.choice(TASKS)
-    if task not in TASKS:
+    if task not in DIGITS:
         raise ValueError(f"unknown task {task!r}; valid: {TASKS}")
-    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(MIN_DIGITS, MAX_DIGITS)))
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(*DIGITS[task])))
     return f"{task} {digits}="
 
 
@@ -257,7 +257,7 @@ def build_trained_bd3lm_checkpoint(
 ) -> Path:
     """Write the trained digits checkpoint (trained with ``block_size``) to ``out_dir``; cached across calls."""
     key = hashlib.sha256(
-        json.dumps([_FORMAT_VERSION, block_size, steps, seed, SHAPE, TASKS, EOS_SMOOTHING]).encode()
+        json.dumps([_FORMAT_VERSION, block_size, steps, seed, SHAPE, DIGITS, EOS_SMOOTHING]).encode()
     ).hexdigest()[:16]
     cached = cache_dir() / f"bd3lm-digits-{key}"
     if not (cached / "model.safetensors").exists():
@@ -296,7 +296,7 @@ def _build(out: Path, *, block_size: int, steps: int, seed: int) -> None:
     assert state.keys() == set(_stored_names(tmp)), "trained weights must keep the published names"
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(tmp / "model.safetensors", 0o644)
-    info = {"tasks": list(TASKS), "digits": [MIN_DIGITS, MAX_DIGITS], "block_size": block_size, "steps": steps,
+    info = {"digits": DIGITS, "block_size": block_size, "steps": steps,
             "seed": seed, "eos_smoothing": EOS_SMOOTHING, "final_loss": loss, "train_cpu_seconds": round(cpu_s, 1)}
     (tmp / "TRAINING.json").write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
@@ -340,7 +340,7 @@ def evaluate(
     from tests.reference.bd3lm_reference import generate_bd3lm
 
     prompts = list(prompts) if prompts is not None else heldout_prompts(200)
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False)
     model = model if model is not None else load_reference_model(ckpt)
     right: dict[str, list[bool]] = {}
     completions = []
