@@ -30,7 +30,7 @@ def build_checkpoint(shape: str, dtype: str) -> Path:
     from vllm_blockdiff.testing.tiny_checkpoints import build_bd3lm_checkpoint, cache_dir, qwen25_05b_shape
 
     out = cache_dir() / f"bench-bd3lm-{shape}-{dtype}"
-    if not (out / "model.safetensors").exists():
+    if not (out / "config.json").exists():
         kwargs = qwen25_05b_shape() if shape == "qwen2.5-0.5b" else {}
         build_bd3lm_checkpoint(out, dtype=getattr(torch, dtype), **kwargs)
     return out

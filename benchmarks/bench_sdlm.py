@@ -45,7 +45,7 @@ def build_checkpoint(model: str, D: int, dtype: str) -> Path:
 
         return build_trained_sdlm_checkpoint(cache_dir() / f"bench-sdlm-letters-D{D}", D=D)
     out = cache_dir() / f"bench-sdlm-{model}-D{D}-{dtype}"
-    if not (out / "model.safetensors").exists():
+    if not (out / "config.json").exists():
         shape = {"tiny": dict, "qwen2.5-0.5b": qwen25_05b_shape, "qwen2.5-3b": qwen25_3b_shape}[model]()
         build_sdlm_checkpoint(out, D=D, dtype=getattr(torch, dtype), **shape)
     return out
