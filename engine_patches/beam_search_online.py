@@ -1,10 +1,8 @@
 """Refuse beam search for our models (the OpenAI server's `use_beam_search`).
 
 Target: ``vllm.entrypoints.generate.beam_search.online.BeamSearchOnlineMixin.beam_search``.
-Why: vLLM's beam search calls the engine once per token with ``max_tokens=1, logprobs=2*beam``
-and expands the beams from that one next-token distribution; a diffusion step commits a block
-(BD3LM) or a window (SDLM), so the result would not be a beam search of either model, and for
-BD3LM the logprobs it needs do not exist. Without this, the request failed deep inside the loop.
+Why: as ``engine_patches/beam_search_offline.py`` (beam search expands one next-token distribution per
+step; a diffusion step commits a block or a window), for requests with ``use_beam_search``.
 How: for our architectures the method raises ``VLLMValidationError`` naming
 ``use_beam_search`` when called (HTTP 400 before any response); other models call the original.
 Upstream PR: none; removable if vLLM lets a model declare that it cannot beam-search.

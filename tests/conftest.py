@@ -191,3 +191,22 @@ def inproc_llm(bd3lm_ckpt):
 
 def scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+@contextlib.contextmanager
+def scheduled_tokens(llm):
+    """Record the tokens each request is scheduled per step of an in-process engine (a list, extended)."""
+    scheduler = scheduler_of(llm)
+    seen: list[int] = []
+    original = scheduler.schedule
+
+    def recording_schedule(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.extend(out.num_scheduled_tokens.values())
+        return out
+
+    scheduler.schedule = recording_schedule
+    try:
+        yield seen
+    finally:
+        scheduler.schedule = original

@@ -5,13 +5,14 @@ text chunks, one chunk per engine step whose choice carries ``blockdiff_trace``:
 frames (usually one), each
 
     {"step": int, "kind": "bd3lm" | "sdlm", "position": int, "tokens": [str | null, ...],
-     "accepted": int (sdlm)}
+     "accepted": int (sdlm), "committed": int (bd3lm)}
 
 ``position`` is the number of completion tokens committed before the frame's span; ``tokens``
 the span's tokens as text, ``null`` for a still-masked slot. BD3LM: the canvas after the step
-(the block being denoised). SDLM: the window's predictions, of which the first ``accepted``
-committed. A frame's chunk comes before the text chunk of the same step, so a client can draw
-``text so far + frame``. Text chunks are unchanged: their concatenation is the completion.
+(the block being denoised) and how many of its positions this step committed. SDLM: the window's
+predictions, of which the first ``accepted`` committed. A frame's chunk comes before the text chunk of
+the same step, so a client can draw ``text so far + frame``. Text chunks are unchanged: their
+concatenation is the completion.
 
 Frames travel from the runner (``ModelRunnerOutput.blockdiff_trace``) through the scheduler into
 the step's ``EngineCoreOutput.kv_transfer_params["blockdiff_trace"]`` (vLLM forwards that dict
@@ -57,8 +58,9 @@ def render(frames: list[dict], tokenizer, steps: dict) -> list[dict]:
         key = frame.get("kind")
         steps[key] = steps.get(key, 0) + 1
         item = {"step": steps[key], "kind": frame["kind"], "position": frame["position"], "tokens": tokens}
-        if "accepted" in frame:
-            item["accepted"] = frame["accepted"]
+        for key in ("accepted", "committed"):  # SDLM: window tokens accepted; BD3LM: positions committed
+            if key in frame:
+                item[key] = frame[key]
         rendered.append(item)
     return rendered
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 from vllm import SamplingParams
 
-from tests.conftest import EOS_ID, random_prompt, scheduler_of, truncate_at_stop
+from tests.conftest import EOS_ID, random_prompt, scheduled_tokens, truncate_at_stop
 from tests.reference import load_reference_model
 from tests.reference.bd3lm_reference import generate_bd3lm
 
@@ -133,22 +133,10 @@ def test_shared_prefix_ending_mid_block_hits_cache_and_stays_exact(inproc_llm, r
 
 def test_prefix_is_never_recomputed(inproc_llm):
     """Count the tokens the scheduler runs per step: prompt once, canvas per step, block once clean."""
-    scheduler = scheduler_of(inproc_llm)
-    steps_seen: list[int] = []
-    original = scheduler.schedule
-
-    def recording_schedule(*args, **kwargs):
-        out = original(*args, **kwargs)
-        steps_seen.extend(out.num_scheduled_tokens.values())
-        return out
-
-    scheduler.schedule = recording_schedule
-    try:
+    with scheduled_tokens(inproc_llm) as steps_seen:
         prompt_len, max_tokens, steps, block = 200, 80, 40, 32
         prompt = random_prompt(random.Random(5), prompt_len)
         _run(inproc_llm, [prompt], Case(prompt_len, max_tokens, steps=steps).params())
-    finally:
-        scheduler.schedule = original
     # Chunks: 200 -> 224 (24 slots), 224 -> 256 (32), 256 -> 280 (24, capped by max_tokens).
     # steps_per_block = ceil(40 / ceil(80 / 32)) = 14 forwards per chunk.
     chunks = [24, 32, 24]

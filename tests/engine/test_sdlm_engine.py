@@ -257,22 +257,10 @@ def test_logprobs_are_the_window_rows_of_the_committed_tokens(llm, ref_model):
 def test_every_step_after_the_prompt_commits(llm):
     """A window step also computes the causal KV of the tokens accepted the step before: no step in
     between that only catches up (which would double the forwards per token)."""
-    from tests.conftest import scheduler_of
+    from tests.conftest import scheduled_tokens
 
-    scheduler = scheduler_of(llm)
-    steps = []
-    original = scheduler.schedule
-
-    def recording_schedule(*args, **kwargs):
-        out = original(*args, **kwargs)
-        steps.extend(out.num_scheduled_tokens.values())
-        return out
-
-    scheduler.schedule = recording_schedule
-    try:
+    with scheduled_tokens(llm) as steps:
         [completion] = run(llm, [random_prompt(random.Random(21), 9)], SDLMCase(40, threshold=0.3).params())
-    finally:
-        scheduler.schedule = original
     windows = sum(completion.spec_decode_metrics.histogram)
     assert len(steps) == 1 + windows  # the prefill, then one window per forward
     assert all(D <= n <= 2 * D for n in steps[1:])  # accepted tokens (<= D) + the window

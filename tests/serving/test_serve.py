@@ -226,3 +226,32 @@ def test_sdlm_prometheus_counts_windows_and_kv_is_freed(sdlm_server, letters_ckp
     assert after[0] - before[0] == sum(histogram)
     assert after[1] - before[1] == sum(j * n for j, n in enumerate(histogram))
     assert kv_cache_usage(sdlm_server) == 0.0
+
+
+def test_bd3lm_parallel_decoding_reports_tokens_per_forward_and_streams_by_block(bd3lm_server, bd3lm_ckpt):
+    """threshold over HTTP: the response's metrics and Prometheus count denoising forwards, the stream
+    is one chunk per finished block, the trace shows how many positions each step committed."""
+    from tests.serving.server import stream_choices
+
+    def counters():
+        text = requests.get(f"{bd3lm_server}/metrics", timeout=10).text
+        return [float(re.search(rf"^vllm:spec_decode_num_{name}_total\{{[^}}]*\}} (\S+)$", text, re.M).group(1))
+                for name in ("drafts", "accepted_tokens")]
+
+    prompt = random_prompt(random.Random(6), 16)  # aligned: blocks of 16 new tokens
+    xargs = {"steps": 16, "block_size": 16, "threshold": 0.004}  # random weights: low confidences
+    before = counters()
+    body = completion(bd3lm_server, str(bd3lm_ckpt), prompt=prompt, max_tokens=48, temperature=0.0,
+                      ignore_eos=True, vllm_xargs=xargs).json()
+    after = counters()
+    spec = body["metrics"]["speculative_decoding"]
+    forwards = sum(spec["acceptance_histogram"])
+    assert spec["mean_acceptance_length"] > 1 and forwards < 16 * 3  # fewer forwards than the card's 48
+    assert after[0] - before[0] == forwards
+    assert after[1] - before[1] == sum(j * n for j, n in enumerate(spec["acceptance_histogram"]))
+    chunks = stream_choices(bd3lm_server, dict(model=str(bd3lm_ckpt), prompt=prompt, max_tokens=48,
+                                               temperature=0.0, ignore_eos=True, vllm_xargs=dict(xargs, trace=1)))
+    texts = [c["text"] for c in chunks if c.get("text")]
+    assert "".join(texts) == body["choices"][0]["text"] and len(texts) == 3
+    frames = [c["blockdiff_trace"][0] for c in chunks if "blockdiff_trace" in c]
+    assert len(frames) == forwards and sum(f["committed"] for f in frames) >= 48
