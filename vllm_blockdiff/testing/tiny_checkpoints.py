@@ -33,6 +33,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,27 @@ def cache_dir() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(xdg, "vllm_blockdiff")
     return Path(root)
+
+
+def cached_build(name: str, key: object, build, out_dir: str | os.PathLike) -> Path:
+    """Copy the artefact ``build(path)`` writes to ``out_dir``, building it once per ``key`` (JSON-able).
+
+    ``build`` writes into a private temporary directory renamed into place when it returns, so an
+    interrupted or concurrent build never leaves a half-written cache entry behind.
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cached = cache_dir() / f"{name}-{digest}"
+    if not cached.is_dir():
+        tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        try:
+            tmp.rename(cached)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(out_dir)
+    shutil.copytree(cached, out, dirs_exist_ok=True)
+    return out
 
 
 def qwen_tiktoken_bytes() -> bytes:

@@ -59,12 +59,10 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -78,7 +76,9 @@ from vllm_blockdiff.testing.tiny_checkpoints import (
     MASK_TOKEN_ID,
     build_bd3lm_checkpoint,
     build_qwen25_tokenizer,
-    cache_dir,
+    cached_build,
+    load_weights,
+    save_weights,
 )
 
 _FORMAT_VERSION = 1  # bump when training changes, to invalidate cached checkpoints
@@ -258,24 +258,16 @@ def build_trained_bd3lm_checkpoint(
     out_dir: str | os.PathLike, *, block_size: int = 32, steps: int = 1500, seed: int = 0
 ) -> Path:
     """Write the trained digits checkpoint (trained with ``block_size``) to ``out_dir``; cached across calls."""
-    key = hashlib.sha256(
-        json.dumps([_FORMAT_VERSION, block_size, steps, seed, SHAPE, DIGITS, EOS_SMOOTHING]).encode()
-    ).hexdigest()[:16]
-    cached = cache_dir() / f"bd3lm-digits-{key}"
-    if not (cached / "model.safetensors").exists():
-        _build(cached, block_size=block_size, steps=steps, seed=seed)
-    out = Path(out_dir)
-    shutil.copytree(cached, out, dirs_exist_ok=True)
-    return out
+    key = [_FORMAT_VERSION, block_size, steps, seed, SHAPE, DIGITS, EOS_SMOOTHING]
+    return cached_build("bd3lm-digits", key, lambda tmp: _build(tmp, block_size=block_size, steps=steps, seed=seed),
+                        out_dir)
 
 
 def _build(out: Path, *, block_size: int, steps: int, seed: int) -> None:
-    from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    build_bd3lm_checkpoint(tmp, seed=seed, untied_lm_head=True, **SHAPE)
-    config = json.loads((tmp / "config.json").read_text())
+    build_bd3lm_checkpoint(out, seed=seed, untied_lm_head=True, **SHAPE)
+    config = json.loads((out / "config.json").read_text())
     fields = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                      "num_attention_heads", "num_key_value_heads", "rope_theta", "rms_norm_eps")}
     threads = torch.get_num_threads()
@@ -295,22 +287,11 @@ def _build(out: Path, *, block_size: int, steps: int, seed: int) -> None:
     finally:
         torch.set_num_threads(threads)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    assert state.keys() == set(_stored_names(tmp)), "trained weights must keep the published names"
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(tmp / "model.safetensors", 0o644)
+    assert state.keys() == set(load_weights(out)), "trained weights must keep the published names"
+    save_weights(out, state)
     info = {"digits": DIGITS, "block_size": block_size, "steps": steps,
             "seed": seed, "eos_smoothing": EOS_SMOOTHING, "final_loss": loss, "train_cpu_seconds": round(cpu_s, 1)}
-    (tmp / "TRAINING.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
-def _stored_names(ckpt: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        return list(f.keys())
+    (out / "TRAINING.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,12 +29,10 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -43,7 +41,7 @@ from vllm_blockdiff.testing.tiny_checkpoints import (
     MASK_TOKEN_ID,
     SDLM_VOCAB_SIZE,
     build_sdlm_checkpoint,
-    cache_dir,
+    cached_build,
     load_qwen_ranks,
     load_weights,
     save_weights,
@@ -145,23 +143,18 @@ def train(model, D: int, *, steps: int, seed: int, batch: int = 32, text_len: in
 
 def build_trained_sdlm_checkpoint(out_dir: str | os.PathLike, *, D: int = 4, steps: int = 1000, seed: int = 0) -> Path:
     """Write the trained letters checkpoint (window ``D``) to ``out_dir``; cached across calls."""
-    key = hashlib.sha256(json.dumps([_FORMAT_VERSION, D, steps, seed, SHAPE]).encode()).hexdigest()[:16]
-    cached = cache_dir() / f"sdlm-letters-{key}"
-    if not (cached / "TRAINING.json").exists():
-        _build(cached, D=D, steps=steps, seed=seed)
-    out = Path(out_dir)
-    shutil.copytree(cached, out, dirs_exist_ok=True)
-    return out
+    return cached_build("sdlm-letters", [_FORMAT_VERSION, D, steps, seed, SHAPE],
+                        lambda tmp: _build(tmp, D=D, steps=steps, seed=seed), out_dir)
 
 
 def _build(out: Path, *, D: int, steps: int, seed: int) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    build_sdlm_checkpoint(tmp, D=D, seed=seed, **SHAPE)
-    config = json.loads((tmp / "config.json").read_text())
+    build_sdlm_checkpoint(out, D=D, seed=seed, **SHAPE)
+    config = json.loads((out / "config.json").read_text())
     fields = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                      "num_attention_heads", "num_key_value_heads", "rope_theta", "rms_norm_eps")}
+    assert fields["vocab_size"] == SDLM_VOCAB_SIZE
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic, and faster than 2 threads on small matmuls
     try:
@@ -173,14 +166,10 @@ def _build(out: Path, *, D: int, steps: int, seed: int) -> None:
     finally:
         torch.set_num_threads(threads)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    assert state.keys() == set(load_weights(tmp)), "trained weights must keep the published names"
-    save_weights(tmp, state)
-    (tmp / "TRAINING.json").write_text(json.dumps({"task": "letter counting runs", "D": D, "steps": steps,
+    assert state.keys() == set(load_weights(out)), "trained weights must keep the published names"
+    save_weights(out, state)
+    (out / "TRAINING.json").write_text(json.dumps({"task": "letter counting runs", "D": D, "steps": steps,
                                                    "seed": seed, "final_loss": loss}, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    assert fields["vocab_size"] == SDLM_VOCAB_SIZE
 
 
 def main(argv: list[str] | None = None) -> Path:
