@@ -70,7 +70,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--plot", default=None, help="write a PNG here")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="only redraw the plot from a --json file")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        _plot(saved["rules"], saved["ar"]["tok_s_1"], saved["ar"]["tok_s_32"], Path(args.plot))
+        return
 
     import torch
     from vllm import SamplingParams
@@ -136,11 +141,19 @@ def _plot(rows, ar_1: float, ar_32: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # One line per rule family (τ, f), ordered by parallelism.
+    for family, marker in (("τ", "o"), ("f", "^")):
+        points = sorted((r for r in rows if r["rule"].startswith(family)), key=lambda r: r["tokens_per_forward"])
+        left.plot([r["tokens_per_forward"] for r in points], [r["accuracy"] for r in points], marker=marker,
+                  label=f"{family} rules")
+        for r in points[:: max(1, len(points) - 1)]:  # the ends of each line (the table has every rule)
+            left.annotate(r["rule"], (r["tokens_per_forward"], r["accuracy"]), textcoords="offset points",
+                          xytext=(4, -12 if family == "τ" else 6), fontsize=7)
     for r in rows:
-        marker = "s" if r["rule"] == "card" else ("o" if r["rule"].startswith("τ") else "^")
-        left.scatter(r["tokens_per_forward"], r["accuracy"], marker=marker, s=45)
-        left.annotate(r["rule"], (r["tokens_per_forward"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
-                      fontsize=8)
+        if r["rule"] == "card":
+            left.scatter(r["tokens_per_forward"], r["accuracy"], marker="s", color="k", label="card schedule")
+    left.set_ylim(0, 1.05)
+    left.legend(fontsize=7, loc="lower right")
     left.set_xlabel("output tokens per forward")
     left.set_ylabel("exact-match accuracy (held-out prompts)")
     left.set_title("quality vs parallelism")
