@@ -10,6 +10,10 @@ def serves_ours(model_config) -> bool:
     return model_config is not None and family_of(getattr(model_config, "architectures", None)) is not None
 
 
+BEAM_SEARCH_REFUSAL = ("use_beam_search is not supported for block-diffusion models: beam search expands one "
+                       "next-token distribution per step, a diffusion step commits a block (BD3LM) or a window (SDLM)")
+
+
 def refuse_for_our_models(cls, name: str, message: str, parameter: str) -> None:
     """Wrap ``cls.<name>`` (a method of an object with ``model_config``) so that for our models it
     raises ``VLLMValidationError(message, parameter=...)`` when called (an async generator too: the

@@ -8,7 +8,7 @@ BD3LM the logprobs it needs do not exist. Without this, the request failed deep 
 How: for our architectures the method raises ``VLLMValidationError`` naming
 ``use_beam_search`` when called (HTTP 400 before any response); other models call the original.
 Upstream PR: none; removable if vLLM lets a model declare that it cannot beam-search.
-Drift guard: raises at apply time if the method is gone; ``tests/engine/test_request_fields_offline.py``
+Drift guard: raises at apply time if the method is gone; ``tests/engine/test_bd3lm_engine.py``
 checks the refusal.
 """
 
@@ -16,11 +16,8 @@ from __future__ import annotations
 
 from vllm.entrypoints.generate.beam_search import offline as upstream
 
-from engine_patches._common import refuse_for_our_models
-
-MESSAGE = ("use_beam_search is not supported for block-diffusion models: beam search expands one next-token "
-           "distribution per step, a diffusion step commits a block (BD3LM) or a window (SDLM)")
+from engine_patches._common import BEAM_SEARCH_REFUSAL, refuse_for_our_models
 
 
 def apply() -> None:
-    refuse_for_our_models(upstream.BeamSearchOfflineMixin, "beam_search", MESSAGE, "use_beam_search")
+    refuse_for_our_models(upstream.BeamSearchOfflineMixin, "beam_search", BEAM_SEARCH_REFUSAL, "use_beam_search")

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 from vllm.entrypoints.generate.beam_search import online as upstream
 
-from engine_patches._common import refuse_for_our_models
-
-MESSAGE = ("use_beam_search is not supported for block-diffusion models: beam search expands one next-token "
-           "distribution per step, a diffusion step commits a block (BD3LM) or a window (SDLM)")
+from engine_patches._common import BEAM_SEARCH_REFUSAL, refuse_for_our_models
 
 
 def apply() -> None:
-    refuse_for_our_models(upstream.BeamSearchOnlineMixin, "beam_search", MESSAGE, "use_beam_search")
+    refuse_for_our_models(upstream.BeamSearchOnlineMixin, "beam_search", BEAM_SEARCH_REFUSAL, "use_beam_search")

@@ -172,6 +172,17 @@ def test_bad_options_are_rejected_and_engine_keeps_serving(inproc_llm, extra, pa
     assert len(out) == 8
 
 
+def test_offline_beam_search_is_refused_and_engine_keeps_serving(inproc_llm):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import BeamSearchParams
+
+    with pytest.raises(VLLMValidationError, match="use_beam_search") as err:
+        inproc_llm.beam_search([{"prompt_token_ids": [1, 2, 3]}], BeamSearchParams(beam_width=2, max_tokens=4))
+    assert err.value.parameter == "use_beam_search"
+    [out] = _run(inproc_llm, [[1, 2, 3]], SamplingParams(max_tokens=8))
+    assert len(out) == 8
+
+
 def test_defaults_follow_the_card(inproc_llm, ref_model):
     """No extra_args: steps = max_tokens, block_size = 32, low_confidence, greedy."""
     prompt = random_prompt(random.Random(7), 21)

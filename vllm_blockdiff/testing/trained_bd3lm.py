@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -70,6 +69,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_blockdiff.testing.task_training import TaskRows, blank_qwen2, learning_rate, one_thread, save_trained
 from vllm_blockdiff.testing.tiny_checkpoints import (
     ENDOFTEXT_ID,
     IM_END_ID,
@@ -77,8 +77,6 @@ from vllm_blockdiff.testing.tiny_checkpoints import (
     build_bd3lm_checkpoint,
     build_qwen25_tokenizer,
     cached_build,
-    load_weights,
-    save_weights,
 )
 
 _FORMAT_VERSION = 1  # bump when training changes, to invalidate cached checkpoints
@@ -207,19 +205,14 @@ def train(model, *, block_size: int, steps: int, seed: int, batch: int = 32, lr:
     row_of = {t: i for i, t in enumerate(embed_ids)}
     head_of = {t: i for i, t in enumerate(head_ids)}
     eos_row, K = head_of[IM_END_ID], len(head_ids)
-    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
-    embed.requires_grad_(False)
-    head.requires_grad_(False)
-    embed_rows = torch.nn.Parameter(embed[embed_ids].clone())
-    head_rows = torch.nn.Parameter(torch.randn(K, head.shape[1]) * head.shape[1] ** -0.5)
-    params = [p for p in model.parameters() if p.requires_grad] + [embed_rows, head_rows]
+    task = TaskRows(model, embed_ids, head_ids)
+    params = [p for p in model.parameters() if p.requires_grad] + [task.embed, task.head]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    background = torch.tensor(math.log(head.shape[0] - K))  # the other V-K logits are exactly 0
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     loss_value = float("nan")
     for step in range(steps):
-        for group in opt.param_groups:  # linear warm-up, cosine decay
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
         by_blocks: dict[int, list] = {}
         for _ in range(batch):
             p, a = encode(sample_prompt(rng))
@@ -227,12 +220,12 @@ def train(model, *, block_size: int, steps: int, seed: int, batch: int = 32, lr:
         nll = []
         for num_blocks in sorted(by_blocks):
             rows, positions, mask, targets = _group_batch(by_blocks[num_blocks], block_size, row_of, head_of, gen)
-            hidden = model.model(inputs_embeds=embed_rows[rows], attention_mask=mask, position_ids=positions)
+            hidden = model.model(inputs_embeds=task.embed[rows], attention_mask=mask, position_ids=positions)
             hidden = hidden.last_hidden_state[:, : targets.shape[1]]  # the xt half
             keep = targets >= 0
-            logits = hidden[keep] @ head_rows.T
+            logits = hidden[keep] @ task.head.T
             target = targets[keep]
-            log_z = torch.logaddexp(torch.logsumexp(logits, dim=-1), background)
+            log_z = task.log_z(logits)
             token_nll = log_z - logits.gather(-1, target[:, None]).squeeze(-1)
             # <|im_end|>: target (1 - s) on itself, s spread over the other K-1 task rows.
             others = (log_z[:, None] - logits).sum(-1) - (log_z - logits[:, eos_row])
@@ -244,10 +237,7 @@ def train(model, *, block_size: int, steps: int, seed: int, batch: int = 32, lr:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         loss_value = float(loss.detach())
-    with torch.no_grad():
-        embed[embed_ids] = embed_rows
-        head.zero_()
-        head[head_ids] = head_rows
+    task.store(model)
     return loss_value
 
 
@@ -264,19 +254,10 @@ def build_trained_bd3lm_checkpoint(
 
 
 def _build(out: Path, *, block_size: int, steps: int, seed: int) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     build_bd3lm_checkpoint(out, seed=seed, untied_lm_head=True, **SHAPE)
-    config = json.loads((out / "config.json").read_text())
-    fields = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                     "num_attention_heads", "num_key_value_heads", "rope_theta", "rms_norm_eps")}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic, and faster than 2 threads on small matmuls
-    try:
+    with one_thread():
         torch.manual_seed(seed)
-        qwen2 = Qwen2Config(tie_word_embeddings=False, **fields)
-        qwen2._attn_implementation = "sdpa"  # takes the additive 4-D masks as they are
-        model = Qwen2ForCausalLM(qwen2)
+        model = blank_qwen2(out)
         with torch.no_grad():  # N(0, 1/fan_in) linear weights (see the module docstring)
             for module in model.model.layers.modules():
                 if isinstance(module, torch.nn.Linear):
@@ -284,11 +265,7 @@ def _build(out: Path, *, block_size: int, steps: int, seed: int) -> None:
         start = time.process_time()
         loss = train(model, block_size=block_size, steps=steps, seed=seed)
         cpu_s = time.process_time() - start
-    finally:
-        torch.set_num_threads(threads)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    assert state.keys() == set(load_weights(out)), "trained weights must keep the published names"
-    save_weights(out, state)
+    save_trained(model, out)
     info = {"digits": DIGITS, "block_size": block_size, "steps": steps,
             "seed": seed, "eos_smoothing": EOS_SMOOTHING, "final_loss": loss, "train_cpu_seconds": round(cpu_s, 1)}
     (out / "TRAINING.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -30,21 +30,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 from pathlib import Path
 
 import torch
 
+from vllm_blockdiff.testing.task_training import TaskRows, blank_qwen2, learning_rate, one_thread, save_trained
 from vllm_blockdiff.testing.tiny_checkpoints import (
     MASK_TOKEN_ID,
     SDLM_VOCAB_SIZE,
     build_sdlm_checkpoint,
     cached_build,
     load_qwen_ranks,
-    load_weights,
-    save_weights,
 )
 
 _FORMAT_VERSION = 2  # bump when training or the layout changes, to invalidate cached checkpoints
@@ -109,35 +107,26 @@ def train(model, D: int, *, steps: int, seed: int, batch: int = 32, text_len: in
     ids = torch.tensor(letter_ids())
     rows = torch.cat([ids, torch.tensor([MASK_TOKEN_ID])])
     row_of = {int(t): i for i, t in enumerate(rows)}
-    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
-    embed.requires_grad_(False)
-    head.requires_grad_(False)
-    embed_rows = torch.nn.Parameter(embed[rows].clone())
-    head_rows = torch.nn.Parameter(torch.randn(26, head.shape[1]) * head.shape[1] ** -0.5)
-    params = [p for p in model.parameters() if p.requires_grad] + [embed_rows, head_rows]
+    task = TaskRows(model, rows.tolist(), ids.tolist())
+    params = [p for p in model.parameters() if p.requires_grad] + [task.embed, task.head]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    background = torch.tensor(math.log(head.shape[0] - 26))  # the other V-26 logits are 0
     rng = random.Random(seed)
     loss_value = float("nan")
     for step in range(steps):
-        for group in opt.param_groups:  # linear warm-up, cosine decay
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
         texts = [sample_text(rng, text_len) for _ in range(batch)]
         input_ids, positions, mask, targets = _window_batch(texts, ids, D, cuts, rng)
-        inputs = embed_rows[input_ids.apply_(row_of.__getitem__)]
+        inputs = task.embed[input_ids.apply_(row_of.__getitem__)]
         hidden = model.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
         keep = targets >= 0
-        logits = hidden[keep] @ head_rows.T
-        log_z = torch.logaddexp(torch.logsumexp(logits, dim=-1), background)
-        loss = (log_z - logits.gather(-1, targets[keep][:, None]).squeeze(-1)).mean()
+        logits = hidden[keep] @ task.head.T
+        loss = (task.log_z(logits) - logits.gather(-1, targets[keep][:, None]).squeeze(-1)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         loss_value = float(loss.detach())
-    with torch.no_grad():
-        embed[rows] = embed_rows
-        head.zero_()
-        head[ids] = head_rows
+    task.store(model)
     return loss_value
 
 
@@ -148,26 +137,13 @@ def build_trained_sdlm_checkpoint(out_dir: str | os.PathLike, *, D: int = 4, ste
 
 
 def _build(out: Path, *, D: int, steps: int, seed: int) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     build_sdlm_checkpoint(out, D=D, seed=seed, **SHAPE)
-    config = json.loads((out / "config.json").read_text())
-    fields = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                     "num_attention_heads", "num_key_value_heads", "rope_theta", "rms_norm_eps")}
-    assert fields["vocab_size"] == SDLM_VOCAB_SIZE
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic, and faster than 2 threads on small matmuls
-    try:
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == SDLM_VOCAB_SIZE
+    with one_thread():
         torch.manual_seed(seed)
-        qwen2 = Qwen2Config(tie_word_embeddings=False, **fields)
-        qwen2._attn_implementation = "sdpa"  # takes the additive 4-D window masks as they are
-        model = Qwen2ForCausalLM(qwen2)
+        model = blank_qwen2(out)
         loss = train(model, D, steps=steps, seed=seed)
-    finally:
-        torch.set_num_threads(threads)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    assert state.keys() == set(load_weights(out)), "trained weights must keep the published names"
-    save_weights(out, state)
+    save_trained(model, out)
     (out / "TRAINING.json").write_text(json.dumps({"task": "letter counting runs", "D": D, "steps": steps,
                                                    "seed": seed, "final_loss": loss}, indent=2) + "\n")
 
