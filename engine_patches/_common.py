@@ -58,8 +58,8 @@ def refuse_guided_fields(cls, name: str) -> None:
             for field in REMOVED_GUIDED_FIELDS:
                 if field in (getattr(request, "model_extra", None) or {}):
                     raise VLLMValidationError(
-                        f"{field} is not supported: vLLM removed the guided_* fields (they would be ignored), "
-                        "and block-diffusion decoding does not enforce structured outputs yet", parameter=field)
+                        f"{field} is not supported: vLLM removed the guided_* fields (they would be ignored); "
+                        "use structured_outputs or response_format", parameter=field)
         return await original(self, request, *args, **kwargs)
 
     handler._blockdiff_patched = True

@@ -49,6 +49,7 @@ class BD3LMOptions:
     trace: bool = False  # stream every step's canvas (docs/design.md §10)
     threshold: float | None = None  # parallel decoding: also commit every masked position above it
     factor: float | None = None  # parallel decoding, Fast-dLLM's factor rule
+    left_frontier: bool = False  # structured outputs: commit only from the leftmost mask (design.md §15)
 
     @property
     def steps_per_block(self) -> int:
@@ -203,8 +204,14 @@ def resolve_bd3lm_options(params: Any, defaults: ModelDefaults) -> BD3LMOptions:
     _check(remasking == "low_confidence" or (threshold is None and factor is None),
            "threshold and factor compare the model's confidence; they need remasking low_confidence",
            "threshold" if threshold is not None else "factor")
+    constrained = params.structured_outputs is not None
+    _check(not constrained or not cfg_scale, "structured_outputs are enforced without classifier-free guidance "
+           "(cfg_scale 0): the guided placeholders leave no room for the grammar-checked canvas", "cfg_scale")
+    _check(not constrained or not params.ignore_eos, "structured_outputs end at the grammar's eos; ignore_eos "
+           "would decode past the end of the grammar", "ignore_eos")
     temperature = _temperature(params)
     return BD3LMOptions(
+        left_frontier=constrained,
         threshold=None if threshold is None else float(threshold),
         factor=None if factor is None else float(factor),
         steps=steps,

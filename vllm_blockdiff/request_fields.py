@@ -83,14 +83,13 @@ SAMPLING_FIELDS: dict[str, FieldRule] = {
     "_eos_token_id": FieldRule(INTERNAL, INTERNAL, "set by vLLM from the tokenizer"),
     "_all_stop_token_ids": FieldRule(INTERNAL, INTERNAL, "set by vLLM"),
     "_watermarking_skipped": FieldRule(INTERNAL, INTERNAL, "set by vLLM"),
-    "structured_outputs": FieldRule(REFUSED, OURS, "SDLM: enforced through vLLM's structured-output manager "
+    "structured_outputs": FieldRule(OURS, OURS, "SDLM: enforced through vLLM's structured-output manager "
                                     "(json, regex, choice, grammar; also set by response_format and tool_choice "
                                     "required / named): window row 0 under the grammar's bitmask, the accepted "
                                     "run cut at the first token the grammar rejects; not with self_speculative. "
-                                    "BD3LM: refused",
-                                    "a BD3LM step commits positions anywhere in its block, which a left-to-right "
-                                    "grammar cannot check (json, regex, choice, grammar, and response_format / "
-                                    "tool_choice required or named, which set it)"),
+                                    "BD3LM: the same forms, enforced by left-frontier commits (the leftmost mask "
+                                    "under the bitmask, the run after it checked by the grammar); not with "
+                                    "cfg_scale or ignore_eos"),
     "logit_bias": FieldRule(OURS, OURS, "added to the logits, " + _VOCAB_MASK),
     "allowed_token_ids": FieldRule(OURS, OURS, "every other token masked, " + _VOCAB_MASK),
     "extra_args": FieldRule(OURS, OURS, "the diffusion options (README tables); unknown keys are refused"),
@@ -125,13 +124,13 @@ OPENAI_FIELDS: dict[str, FieldRule] = {
                                  "step; a diffusion step commits a block or a window", endpoints="C, H"),
     "length_penalty": FieldRule(WORKS, WORKS, "used by beam search only (refused), unused otherwise, as vLLM",
                                 endpoints="C, H"),
-    "response_format": FieldRule(REFUSED, OURS, "json_object / json_schema / structural_tag become "
-                                 "structured_outputs (enforced for SDLM, refused for BD3LM); text works",
+    "response_format": FieldRule(OURS, OURS, "json_object / json_schema / structural_tag become "
+                                 "structured_outputs (enforced); text works",
                                  endpoints="C, H"),
     "tools": FieldRule(WORKS, WORKS, "rendered by the chat template; tool calls parsed by --tool-call-parser",
                        endpoints="H"),
     "tool_choice": FieldRule(WORKS, WORKS, "none / auto work; required or a named function become "
-                             "structured_outputs (SDLM: enforced; BD3LM: refused)", endpoints="H"),
+                             "structured_outputs (enforced)", endpoints="H"),
     "parallel_tool_calls": FieldRule(WORKS, WORKS, "tool-call parsing", endpoints="H"),
     "include_reasoning": FieldRule(WORKS, WORKS, "--reasoning-parser output parsing", endpoints="H"),
     "reasoning_effort": FieldRule(WORKS, WORKS, "passed to the chat template", endpoints="H"),

@@ -146,3 +146,31 @@ def test_threshold_finishes_a_confident_chunk_in_one_step():
     assert bd3lm.denoise_step(logits, canvas, MASK, 1, threshold=0.9).tolist() == [1, 2, 3, 4]
     assert bd3lm.denoise_step(logits, canvas, MASK, 1).tolist().count(MASK) == 3  # the card: one
     assert bd3lm.denoise_step(logits, canvas, MASK, 1, factor=1.0).tolist() == [1, 2, 3, 4]
+
+
+def test_left_frontier_commits_the_leftmost_mask_then_the_selected_run():
+    masked = np.array([False, True, True, True, False, True])
+    # The rule selected positions 2 and 3 and 5: the run from the leftmost mask (1, forced) goes on
+    # through 2 and 3, the committed 4 is skipped, 5 continues it.
+    assert bd3lm.left_frontier(np.array([0, 0, 1, 1, 0, 1], bool), masked).tolist() == [1, 2, 3, 5]
+    # A gap in the selection ends the run.
+    assert bd3lm.left_frontier(np.array([0, 1, 0, 1, 0, 1], bool), masked).tolist() == [1]
+    assert bd3lm.left_frontier(np.zeros(6, bool), np.zeros(6, bool)).tolist() == []
+
+
+def test_left_frontier_step_keeps_the_canvas_a_prefix():
+    vocab, mask = 10, 9
+    logits = torch.full((6, vocab), -5.0)
+    logits[torch.arange(6), torch.tensor([1, 2, 3, 4, 5, 6])] = torch.tensor([0.1, 0.1, 9.0, 9.0, 9.0, 9.0])
+    logits[:2, 7] = 0.0  # positions 0 and 1 are torn between two tokens: confidence ~0.5
+    canvas = np.full(6, mask)
+    step = bd3lm.ChunkStep(canvas, np.arange(6), 2, threshold=0.6, left_frontier=True)
+    # Without the frontier, τ commits 2..5 (confident); with it only the leftmost mask, 0, commits.
+    [free] = bd3lm.denoise_batch(logits, [bd3lm.ChunkStep(canvas, np.arange(6), 2, threshold=0.6)], mask).canvases
+    [left] = bd3lm.denoise_batch(logits, [step], mask).canvases
+    assert free.tolist() == [mask, mask, 3, 4, 5, 6]
+    assert left.tolist() == [1, mask, mask, mask, mask, mask]
+    step = bd3lm.ChunkStep(np.array([1, mask, mask, mask, mask, mask]), np.arange(1, 6), 2, threshold=0.6,
+                           left_frontier=True)
+    [after] = bd3lm.denoise_batch(logits[1:], [step], mask).canvases
+    assert after.tolist() == [1, 2, 3, 4, 5, 6]  # the leftmost (forced), then the confident run

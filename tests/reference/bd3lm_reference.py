@@ -50,6 +50,7 @@ eager attention *adds* it to the scores, so a boolean mask would silently be wro
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -401,3 +402,78 @@ def generate_bd3lm(
         rules=rules,
         forwards=forwards,
     )[0]
+
+
+@torch.no_grad()
+def generate_bd3lm_left_frontier(
+    model,
+    prompt_ids: Sequence[int],
+    grammar,
+    *,
+    max_new_tokens: int,
+    steps: int,
+    block_size: int = 32,
+    mask_id: int = MASK_ID,
+    stop_ids: Sequence[int] = EOS_IDS,
+    threshold: float | None = None,
+    factor: float | None = None,
+    forwards: list[int] | None = None,
+) -> list[int]:
+    """Greedy BD3LM under a grammar, with left-frontier commits (docs/design.md §15), from the rule:
+
+    each step the leftmost masked position's logits are masked to ``grammar.allowed(output)`` (a bool
+    ``[vocab]``; ``output`` = the tokens generated so far plus the chunk's accepted frontier); the step's
+    rule (the card's count, ``threshold``, ``factor``) selects positions by confidence as without a grammar,
+    and the step commits the leftmost masked position, then each next masked one while the rule selected
+    it; the chunk's committed left part is then cut at the first token the grammar rejects
+    (``grammar.valid_prefix(output_before_chunk, tokens)``), the rest masked again. A chunk ends when its
+    accepted part fills it or holds a stop id; past the card's schedule each step uses its last count.
+    Returns the generated tokens, cut after the first stop id (inclusive).
+    """
+    device = model.device
+    spb = steps_per_block(max_new_tokens, steps, block_size)
+    x = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    out: list[int] = []
+    num_forwards = 0
+    while len(out) < max_new_tokens:
+        T = x.shape[1]
+        cur = min(first_chunk_len(T, block_size), max_new_tokens - len(out))
+        logits_of = _CachedChunkLogits(model, x, block_size=block_size, cfg_scale=0.0, mask_id=mask_id)
+        chunk = torch.full((cur,), mask_id, dtype=torch.long, device=device)
+        schedule = list(commit_schedule(cur, spb))
+        accepted: list[int] = []
+        for step in itertools.count():
+            k = schedule[min(step, len(schedule) - 1)]
+            logits = logits_of(chunk[None])[0].float()
+            masked = chunk == mask_id
+            first = int(masked.nonzero()[0])
+            allowed = grammar.allowed(out + accepted).to(device)
+            logits[first] = logits[first].masked_fill(~allowed, -math.inf)
+            x0 = logits.argmax(dim=-1)
+            conf = F.softmax(logits, dim=-1).gather(-1, x0[:, None]).squeeze(-1)
+            conf = torch.where(masked, conf, torch.full_like(conf, -math.inf))
+            n = commit_count(conf, k, threshold, factor)
+            selected = torch.zeros(cur, dtype=torch.bool, device=device)
+            selected[torch.sort(conf, descending=True, stable=True).indices[:n]] = True
+            for i in masked.nonzero().flatten().tolist():
+                if i != first and not selected[i]:
+                    break
+                chunk[i] = x0[i]
+            num_forwards += 1
+            left = []
+            for t in chunk.tolist():
+                if t == mask_id:
+                    break
+                left.append(t)
+            accepted = grammar.valid_prefix(out, left)
+            chunk = torch.full((cur,), mask_id, dtype=torch.long, device=device)
+            chunk[: len(accepted)] = torch.tensor(accepted, dtype=torch.long, device=device)
+            if len(accepted) == cur or any(t in stop_ids for t in accepted):
+                break
+        out += accepted
+        if any(t in stop_ids for t in accepted):
+            break
+        x = torch.cat([x, chunk[None]], dim=1)
+    if forwards is not None:
+        forwards[:] = [num_forwards]
+    return truncate_after_eos(out, stop_ids)[:max_new_tokens]

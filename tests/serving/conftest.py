@@ -10,9 +10,14 @@ from tests.serving.server import openai_client, vllm_serve
 TOOLS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
 
 
+# The BD3LM server's model has random weights: under a JSON grammar it would write whitespace until
+# max_tokens (valid JSON so far, never closed); vLLM's option for JSON without free whitespace.
+COMPACT_JSON = ("--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}')
+
+
 @pytest.fixture(scope="package")
 def bd3lm_server(bd3lm_ckpt, tmp_path_factory):
-    with vllm_serve(bd3lm_ckpt, tmp_path_factory.mktemp("logs") / "bd3lm.log", TOOLS) as base:
+    with vllm_serve(bd3lm_ckpt, tmp_path_factory.mktemp("logs") / "bd3lm.log", TOOLS + COMPACT_JSON) as base:
         yield base
 
 

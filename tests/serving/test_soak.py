@@ -47,7 +47,7 @@ def _sdlm_options(rng: random.Random) -> dict:
 
 
 INVALID = {"bd3lm": [{"vllm_xargs": {"steps": 0}}, {"top_p": 0.3, "temperature": 0.8},  # greedy resets top_p
-                     {"structured_outputs": {"regex": "a+"}}],
+                     {"structured_outputs": {"regex": "a+"}, "vllm_xargs": {"cfg_scale": 1.0}}],
            "sdlm": [{"vllm_xargs": {"alg": "bogus"}}, {"presence_penalty": 1.0},
                     {"response_format": {"type": "json_object"}, "vllm_xargs": {"alg": "self_speculative"}}]}
 

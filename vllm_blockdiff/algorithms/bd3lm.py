@@ -110,6 +110,7 @@ class ChunkStep:
     constraints: VocabConstraints | None = None
     output_start: int = 0  # output position of the chunk's first slot (min_tokens, bad words)
     output: list[int] | None = None  # the output tokens before the chunk (multi-token bad words only)
+    left_frontier: bool = False  # commit only a run from the leftmost mask (structured outputs)
 
 
 @dataclass
@@ -234,12 +235,32 @@ def denoise_batch(logits: torch.Tensor, steps: list[ChunkStep], mask_id: int) ->
                            column([s.threshold for s in steps]), column([s.factor for s in steps]))
     commit = np.zeros((num, width), dtype=bool)
     np.put_along_axis(commit, order, np.arange(width)[None, :] < counts[:, None], axis=1)
+    placed = [order[i, : counts[i]] for i in range(num)]  # committed positions, in placement order
+    for i, step in enumerate(steps):
+        if step.left_frontier and rows_per[i]:
+            placed[i] = left_frontier(commit[i], canvases[i, : len(step.canvas)] == mask_id)
+            commit[i] = False
+            commit[i, placed[i]] = True
+            counts[i] = len(placed[i])
     new = np.where(commit, proposal, canvases)
     for i, step in enumerate(steps):
         if step.constraints is not None and step.constraints.sequences and rows_per[i]:
-            _recheck_bad_words(step, new[i], canvases[i], order[i, : counts[i]], proposal[i],
+            _recheck_bad_words(step, new[i], canvases[i], placed[i], proposal[i],
                                logits[offsets[i] : offsets[i + 1]], scores_of.get(i), mask_id)
     return StepResult(new, counts.tolist())
+
+
+def left_frontier(selected: np.ndarray, masked: np.ndarray) -> np.ndarray:
+    """The positions a left-frontier step commits: the leftmost masked position, then each next masked
+    position (left to right) while the step's rule ``selected`` it; ascending. Under a grammar this keeps
+    the committed canvas a prefix the grammar can check (docs/design.md §15)."""
+    positions = np.flatnonzero(masked)
+    if not len(positions):
+        return positions
+    chosen = selected[positions]
+    chosen[0] = True
+    run = len(positions) if chosen.all() else int(np.argmin(chosen))
+    return positions[:run]
 
 
 def _recheck_bad_words(step: ChunkStep, new: np.ndarray, current: np.ndarray, committed: np.ndarray,

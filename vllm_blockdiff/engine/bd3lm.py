@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vllm_blockdiff.algorithms import bd3lm
-from vllm_blockdiff.algorithms.constraints import VocabConstraints
+from vllm_blockdiff.algorithms.constraints import VocabConstraints, allowed_by_bitmask
 from vllm_blockdiff.engine.scratch import ScratchUser, slots_of
 from vllm_blockdiff.engine.segments import CanvasRow, StepPlan, StepReport, add_block_causal_segments
 from vllm_blockdiff.options import BD3LMOptions, ModelDefaults, resolve_bd3lm_options
@@ -87,6 +87,9 @@ class BD3LMSteps(ScratchUser):
         if state.chunk is None or state.chunk.start != start:
             schedule = bd3lm.transfer_schedule(n, state.options.steps_per_block)
             state.chunk = ChunkState(start, np.full(n, self.mask_id, dtype=np.int64), schedule)
+        if state.options.left_frontier:
+            # Under a grammar the scheduler owns the canvas: the grammar-valid frontier, then masks.
+            state.chunk.canvas = np.asarray(placeholders[:n], dtype=np.int64)
         token_ids[start : start + n] = state.chunk.canvas
 
     def plan(self, plan: StepPlan, req_index: int, req_id: str, state: BD3LMRequestState,
@@ -138,8 +141,13 @@ class BD3LMSteps(ScratchUser):
                batch, grammar=None) -> StepReport:
         """One batched denoising step; finished chunks are written to ``out`` rows. Returns, per
         request, how many positions committed, and the trace frames (the canvas after the step).
-        ``grammar`` is always None: structured outputs are refused for BD3LM at admission."""
+        ``grammar`` (vLLM's ``GrammarOutput``, one bitmask row per constrained request): that row masks
+        the request's leftmost masked position, and the request commits a left frontier (docs/design.md
+        §15); its chunk never ends here, the scheduler ends it once the grammar accepted the whole canvas
+        (``report.frontiers`` carries each step's committed left part)."""
         logits, canvases = self._guided(logits, plan.canvases, states)
+        if grammar is not None:
+            logits = self._under_grammar(logits, canvases, grammar)
         steps = []
         for row in canvases:
             state = states[row.req_id]
@@ -149,10 +157,12 @@ class BD3LMSteps(ScratchUser):
             output = None
             if state.constraints is not None and state.constraints.sequences:
                 output = batch.token_ids_cpu[row.req_index, state.num_prompt_tokens : chunk.start].tolist()
+            # A left frontier may need more steps than the schedule has: it goes on with the last count.
+            num_commits = chunk.commits.pop(0) if len(chunk.commits) > 1 or not opts.left_frontier else chunk.commits[0]
             steps.append(bd3lm.ChunkStep(
-                chunk.canvas, row.logit_positions, chunk.commits.pop(0), opts.temperature,
+                chunk.canvas, row.logit_positions, num_commits, opts.temperature,
                 opts.remasking, state.generator, opts.threshold, opts.factor, state.constraints,
-                chunk.start - state.num_prompt_tokens, output,
+                chunk.start - state.num_prompt_tokens, output, opts.left_frontier,
             ))
         report = StepReport()
         if not steps:
@@ -173,7 +183,10 @@ class BD3LMSteps(ScratchUser):
             if state.options.trace:
                 report.frames[row.req_id] = {"kind": "bd3lm", "start": chunk.start, "tokens": chunk.canvas.tolist(),
                                              "mask": self.mask_id, "committed": committed}
-            if ends[i] or not chunk.commits:
+            if state.options.left_frontier:
+                masks = np.flatnonzero(chunk.canvas == self.mask_id)
+                report.frontiers[row.req_id] = chunk.canvas[: masks[0] if len(masks) else row.length].tolist()
+            elif ends[i] or not chunk.commits:
                 finished.append((row, chunk.canvas))
                 state.chunk = None
         if finished:
@@ -182,6 +195,22 @@ class BD3LMSteps(ScratchUser):
             out[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(
                 np.concatenate([c for _, c in finished]).astype(np.int32))
         return report
+
+    @staticmethod
+    def _under_grammar(logits: torch.Tensor, rows: list[CanvasRow], grammar) -> torch.Tensor:
+        """The leftmost masked position of each constrained canvas: tokens its grammar's bitmask rules out
+        get ``-inf`` (its logits row is the canvas's first: rows follow the masked positions in order)."""
+        index = {req_id: i for i, req_id in enumerate(grammar.structured_output_request_ids)}
+        starts = np.cumsum([0] + [len(row.logit_positions) for row in rows])[:-1]
+        picked = [(int(starts[k]), index[row.req_id]) for k, row in enumerate(rows)
+                  if row.req_id in index and len(row.logit_positions)]
+        if not picked:
+            return logits
+        logits = logits.float().clone()
+        at = torch.tensor([r for r, _ in picked], device=logits.device)
+        allowed = allowed_by_bitmask(grammar.grammar_bitmask[[b for _, b in picked]], logits.shape[-1])
+        logits[at] = logits[at].masked_fill(~allowed.to(logits.device), -torch.inf)
+        return logits
 
     @staticmethod
     def _guided(logits: torch.Tensor, rows: list[CanvasRow], states: dict):

@@ -172,9 +172,12 @@ class BlockDiffRunnerMixin:
         report, self._report = getattr(self, "_report", None), None
         if report is not None and isinstance(output, ModelRunnerOutput):
             # Extras the scheduler reads (the Ray executor pickles the whole output, so they arrive):
-            # per-step states of traced requests and BD3LM commit counts (tokens per forward).
+            # per-step states of traced requests, BD3LM commit counts (tokens per forward) and the
+            # grammar-checked frontiers of constrained BD3LM canvases.
             if report.frames:
                 output.blockdiff_trace = report.frames
             if report.commits:
                 output.blockdiff_commits = report.commits
+            if report.frontiers:
+                output.blockdiff_frontiers = report.frontiers
         return output

@@ -136,6 +136,7 @@ class BD3LMScheduler(BlockDiffScheduler):
         # Nothing is sampled "after" the last scheduled token: do not reserve a context slot.
         self.num_sampled_tokens_per_step = 0
         self._step_commits: dict[str, int] = {}
+        self._step_block_sizes: dict[str, int] = {}
         # Classifier-free guidance: the shared all-mask prefix (engine/bd3lm.py) is computed up to
         # here; requests whose unconditional row needs more fill it, a bounded chunk per step.
         self._uncond_filled = 0
@@ -202,21 +203,81 @@ class BD3LMScheduler(BlockDiffScheduler):
             if spec_decoding_stats is None:
                 spec_decoding_stats = SpecDecodingStats.new(self._defaults.block_size - 1)
             for req_id, n in commits.items():
-                request = self.requests.get(req_id)
-                if request is not None and n:
-                    observe_block_forward(spec_decoding_stats, self._options(request).block_size, n)
+                # A request finished by this step is gone already: its block size was kept.
+                if n and req_id in self._step_block_sizes:
+                    observe_block_forward(spec_decoding_stats, self._step_block_sizes[req_id], n)
         return super().make_stats(spec_decoding_stats, *args, **kwargs)
 
+    # ---- structured outputs: left-frontier canvases (docs/design.md §15) ----------------------------
+    def _frontier(self, placeholders) -> list[int]:
+        """A constrained canvas's grammar-checked part: its placeholders before the first mask."""
+        mask = self._defaults.mask_token_id
+        out = []
+        for token in placeholders:
+            if token == mask:
+                break
+            out.append(int(token))
+        return out
+
+    def get_grammar_bitmask(self, scheduler_output):
+        """One bitmask row per constrained canvas, for its leftmost masked position: the grammar advanced
+        over the canvas's frontier, filled, and rolled back. (vLLM's own would also skip the steps that
+        re-encode a finished block, which it takes for prefill chunks.)"""
+        ids = [req_id for req_id, placeholders in scheduler_output.scheduled_spec_decode_tokens.items()
+               if placeholders and (request := self.requests.get(req_id)) is not None
+               and request.use_structured_output and request.structured_output_request.grammar is not None]
+        if not ids:
+            return None
+        bitmask = self.structured_output_manager.backend.allocate_token_bitmask(len(ids))
+        for row, req_id in enumerate(ids):
+            grammar = self.requests[req_id].structured_output_request.grammar
+            frontier = self._frontier(scheduler_output.scheduled_spec_decode_tokens[req_id])
+            advanced = 0
+            if frontier:
+                if not grammar.accept_tokens(req_id, frontier):  # cannot happen: the frontier was validated
+                    raise RuntimeError(f"grammar rejected the validated frontier of request {req_id}")
+                advanced = len(frontier)
+            grammar.fill_bitmask(bitmask, row)
+            if advanced:
+                grammar.rollback(advanced)
+        return GrammarOutput(ids, bitmask.numpy(), [0] * len(ids))
+
+    def _check_frontiers(self, scheduler_output, model_runner_output) -> None:
+        """Each constrained canvas's committed left part, cut at the first token its grammar rejects. A
+        canvas the grammar accepts whole, or up to a stop token, is the step's output (the chunk ends);
+        otherwise the next step's placeholders are the accepted frontier and masks."""
+        frontiers = getattr(model_runner_output, "blockdiff_frontiers", None) or {}
+        for req_id, frontier in frontiers.items():
+            request = self.requests.get(req_id)
+            index = model_runner_output.req_id_to_index.get(req_id)
+            if request is None or index is None:
+                continue
+            before = len(self._frontier(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ())))
+            valid = self.structured_output_manager.validate_tokens(request, list(frontier))
+            # Tokens per forward counts what the grammar kept.
+            self._step_commits[req_id] = max(len(valid) - before, 0)
+            params = request.sampling_params
+            stops = set(params.all_stop_token_ids or ()) | {params.eos_token_id}
+            canvas_len = getattr(request, "_blockdiff_canvas_len", 0)
+            if len(valid) >= canvas_len or any(t in stops for t in valid):
+                model_runner_output.sampled_token_ids[index] = valid
+            else:
+                request._blockdiff_frontier = valid
+
     def update_from_output(self, scheduler_output, model_runner_output):
-        self._step_commits = getattr(model_runner_output, "blockdiff_commits", None) or {}
+        self._step_commits = dict(getattr(model_runner_output, "blockdiff_commits", None) or {})
+        if getattr(model_runner_output, "blockdiff_frontiers", None):
+            self._check_frontiers(scheduler_output, model_runner_output)
         for req_id, n in self._step_commits.items():
             request = self.requests.get(req_id)
             if request is not None and request.spec_decode_metrics is not None and n:
                 request.spec_decode_metrics.observe(self._options(request).block_size - 1, n - 1)
+        self._step_block_sizes = {req_id: self._options(self.requests[req_id]).block_size
+                                  for req_id in self._step_commits if req_id in self.requests}
         try:
             outputs = self._update_from_output(scheduler_output, model_runner_output)
         finally:
-            self._step_commits = {}
+            self._step_commits, self._step_block_sizes = {}, {}
         reattach_spec_decode_metrics(self, outputs)
         return outputs
 
@@ -257,7 +318,10 @@ class BD3LMScheduler(BlockDiffScheduler):
         # Never claim slots past the context; vLLM ends the request there (length capped).
         chunk_len = min(chunk_len, self.max_model_len - request.num_tokens)
         request._blockdiff_canvas_len = chunk_len
-        request.spec_token_ids = [self._defaults.mask_token_id] * chunk_len
+        frontier = getattr(request, "_blockdiff_frontier", None) if not num_committed else None
+        request._blockdiff_frontier = None
+        frontier = (frontier or [])[:chunk_len]
+        request.spec_token_ids = frontier + [self._defaults.mask_token_id] * (chunk_len - len(frontier))
 
 
 class SDLMScheduler(BlockDiffScheduler):

@@ -46,6 +46,8 @@ class StepReport:
 
     commits: dict[str, int] = field(default_factory=dict)  # req_id -> positions committed this step (BD3LM)
     frames: dict[str, dict] = field(default_factory=dict)  # req_id -> trace frame (trace option)
+    # req_id -> the committed left part of a constrained BD3LM canvas (the scheduler checks it with the grammar)
+    frontiers: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
