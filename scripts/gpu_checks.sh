@@ -20,5 +20,7 @@ python benchmarks/bench_bd3lm.py --device cuda --dtype bfloat16 --shape qwen2.5-
 echo "== BD3LM parallel decoding on the trained model (quality vs speed)"
 python benchmarks/bench_bd3lm_parallel.py --device cuda --json /tmp/bd3lm_parallel_gpu.json \
   --plot /tmp/bd3lm_parallel_gpu.png
+echo "== BD3LM structured outputs (left frontier) against free decoding"
+python benchmarks/bench_bd3lm_structured.py --device cuda
 echo "== Engine cost per step against vLLM AR (tiny model)"
 python benchmarks/bench_hotpath.py --concurrency 1 8 32 64

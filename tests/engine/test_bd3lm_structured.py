@@ -126,18 +126,24 @@ def test_mixed_concurrent_constrained_and_free_requests(llm, prompts):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
               "additionalProperties": False}
     choices = ["1234", "98765"]
-    kinds = {"free": None, "digits": DIGITS, "choice": StructuredOutputsParams(choice=choices),
-             "json": StructuredOutputsParams(json=schema)}  # (vLLM rewrites the params it is given: keep names)
+    # Fresh params per request: vLLM rewrites the StructuredOutputsParams it is given (a choice becomes a grammar).
+    kinds = {"free": lambda: None, "digits": lambda: StructuredOutputsParams(regex="[0-9]+"),
+             "choice": lambda: StructuredOutputsParams(choice=choices),
+             "json": lambda: StructuredOutputsParams(json=schema)}
     names = list(kinds)
     requests = [(names[i % 4], prompts[i % len(prompts)], RULES[list(RULES)[i % 3]]) for i in range(16)]
-    free_alone = {i: _run(llm, [p], _params(None, **r))[0].token_ids
-                  for i, (k, p, r) in enumerate(requests) if k == "free"}
+    alone = [_run(llm, [p], _params(kinds[k](), max_tokens=48 if k == "json" else MAX_TOKENS, **r))[0].token_ids
+             for k, p, r in requests]
     outs = _run(llm, [p for _, p, _ in requests],
-                [_params(kinds[k], max_tokens=48 if k == "json" else MAX_TOKENS, **r) for k, _, r in requests])
+                [_params(kinds[k](), max_tokens=48 if k == "json" else MAX_TOKENS, **r) for k, _, r in requests])
     for i, ((kind, _, _), out) in enumerate(zip(requests, outs)):
+        # Each request decodes as it does alone (past its answer, where the JSON integer never ends, the
+        # model is off its training data and near ties let fp32 batch composition flip a token).
+        if kind != "json":
+            assert out.token_ids == alone[i], (kind, out.text)
         if kind == "free":
-            assert out.token_ids == free_alone[i]  # unconstrained requests are unchanged by their neighbours
-        elif kind == "digits":
+            continue
+        if kind == "digits":
             assert re.fullmatch("[0-9]+", out.text)
         elif kind == "choice":
             assert out.text in choices

@@ -67,6 +67,8 @@ def _requests(family: str, model: str, seed: int) -> list[dict]:
             body.update(temperature=0.8, seed=rng.randrange(1000))
         if family == "sdlm" and body["temperature"] == 0 and rng.random() < 0.2:
             body["logit_bias"] = {str(rng.randrange(1000, 2000)): 5.0}
+        if family == "bd3lm" and "cfg_scale" not in body["vllm_xargs"] and rng.random() < 0.15:
+            body["structured_outputs"] = {"regex": "[a-z ]{1,60}"}  # left-frontier commits, preempted too
         kind = "ok"
         roll = rng.random()
         if roll < 0.05:
@@ -137,6 +139,13 @@ def _soak(base: str, family: str, model: str) -> None:
     for request, result in zip(plan, results):
         if request["kind"] != "ok":
             continue
+        regex = request["body"].get("structured_outputs", {}).get("regex")
+        if regex:
+            # Under a grammar this random-weight model's allowed tokens are near ties, so fp32 batch
+            # composition can flip an argmax: check the grammar, not equality with a re-run.
+            text = result["text"] if request["stream"] else result["json"]["choices"][0]["text"]
+            assert re.fullmatch(regex, text), (request, text)
+            continue
         alone = requests.post(f"{base}/v1/completions", json=dict(request["body"], stream=False), timeout=300).json()
         choice = alone["choices"][0]
         if request["stream"]:
@@ -144,7 +153,7 @@ def _soak(base: str, family: str, model: str) -> None:
         else:
             assert result["tokens"] == choice["token_ids"], request
         compared += 1
-    assert compared > NUM_REQUESTS // 2
+    assert compared > NUM_REQUESTS // 3
     return preempted
 
 

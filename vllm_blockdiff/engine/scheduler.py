@@ -261,8 +261,8 @@ class BD3LMScheduler(BlockDiffScheduler):
             canvas_len = getattr(request, "_blockdiff_canvas_len", 0)
             if len(valid) >= canvas_len or any(t in stops for t in valid):
                 model_runner_output.sampled_token_ids[index] = valid
-            else:
-                request._blockdiff_frontier = valid
+            else:  # kept with the chunk's start: a preempted request resumes its chunk with it
+                request._blockdiff_frontier = (request.num_tokens, valid)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         self._step_commits = dict(getattr(model_runner_output, "blockdiff_commits", None) or {})
@@ -318,9 +318,8 @@ class BD3LMScheduler(BlockDiffScheduler):
         # Never claim slots past the context; vLLM ends the request there (length capped).
         chunk_len = min(chunk_len, self.max_model_len - request.num_tokens)
         request._blockdiff_canvas_len = chunk_len
-        frontier = getattr(request, "_blockdiff_frontier", None) if not num_committed else None
-        request._blockdiff_frontier = None
-        frontier = (frontier or [])[:chunk_len]
+        start, frontier = getattr(request, "_blockdiff_frontier", None) or (None, [])
+        frontier = frontier[:chunk_len] if start == request.num_tokens else []
         request.spec_token_ids = frontier + [self._defaults.mask_token_id] * (chunk_len - len(frontier))
 
 
