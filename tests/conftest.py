@@ -105,6 +105,14 @@ def bd3lm_eos_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_ckpt(tmp_path_factory) -> Path:
+    """The BD3LM trained on digit tasks (``testing/trained_bd3lm.py``): answers that can be checked."""
+    from vllm_blockdiff.testing.trained_bd3lm import build_trained_bd3lm_checkpoint
+
+    return build_trained_bd3lm_checkpoint(tmp_path_factory.mktemp("bd3lm_digits"))
+
+
+@pytest.fixture(scope="session")
 def sdlm4_ckpt(tmp_path_factory) -> Path:
     """SDLM D=4 (stored lm_head), focused so windows are sometimes confident; <|endoftext|> among
     the likely tokens, so eos lands inside accepted runs now and then."""

@@ -18,13 +18,6 @@ RULES = {"card": {}, "threshold_0.9": {"threshold": 0.9}, "threshold_0.5": {"thr
 
 
 @pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory):
-    from vllm_blockdiff.testing.trained_bd3lm import build_trained_bd3lm_checkpoint
-
-    return build_trained_bd3lm_checkpoint(tmp_path_factory.mktemp("bd3lm_digits"))
-
-
-@pytest.fixture(scope="module")
 def llm(digits_ckpt):
     yield from inproc_engine(digits_ckpt, max_num_seqs=32)
 
