@@ -263,6 +263,13 @@ def left_frontier(selected: np.ndarray, masked: np.ndarray) -> np.ndarray:
     return positions[:run]
 
 
+def committed_prefix(canvas, mask_id: int) -> list[int]:
+    """A canvas's tokens before its first mask (a left-frontier canvas's committed part)."""
+    canvas = np.asarray(canvas)
+    masks = np.flatnonzero(canvas == mask_id)
+    return canvas[: masks[0] if len(masks) else len(canvas)].tolist()
+
+
 def _recheck_bad_words(step: ChunkStep, new: np.ndarray, current: np.ndarray, committed: np.ndarray,
                        proposal: np.ndarray, logits: torch.Tensor, scores: torch.Tensor | None,
                        mask_id: int) -> None:

@@ -130,3 +130,13 @@ def allowed_by_bitmask(bitmask: np.ndarray, vocab_size: int) -> torch.Tensor:
     width = min(vocab_size, bits.shape[1])
     allowed[:, :width] = bits[:, :width]
     return torch.from_numpy(allowed)
+
+
+def mask_by_bitmask(logits: torch.Tensor, rows: Sequence[int], bitmask: np.ndarray) -> None:
+    """In place: at each of ``rows``, tokens its grammar's bitmask row (``bitmask``, one per row, in order)
+    rules out get ``-inf``."""
+    if not rows:
+        return
+    allowed = allowed_by_bitmask(bitmask, logits.shape[-1]).to(logits.device)
+    index = torch.tensor(list(rows), device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, -torch.inf)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vllm_blockdiff.algorithms import bd3lm
-from vllm_blockdiff.algorithms.constraints import VocabConstraints, allowed_by_bitmask
+from vllm_blockdiff.algorithms.constraints import VocabConstraints, mask_by_bitmask
 from vllm_blockdiff.engine.scratch import ScratchUser, slots_of
 from vllm_blockdiff.engine.segments import CanvasRow, StepPlan, StepReport, add_block_causal_segments
 from vllm_blockdiff.options import BD3LMOptions, ModelDefaults, resolve_bd3lm_options
@@ -184,8 +184,7 @@ class BD3LMSteps(ScratchUser):
                 report.frames[row.req_id] = {"kind": "bd3lm", "start": chunk.start, "tokens": chunk.canvas.tolist(),
                                              "mask": self.mask_id, "committed": committed}
             if state.options.left_frontier:
-                masks = np.flatnonzero(chunk.canvas == self.mask_id)
-                report.frontiers[row.req_id] = chunk.canvas[: masks[0] if len(masks) else row.length].tolist()
+                report.frontiers[row.req_id] = bd3lm.committed_prefix(chunk.canvas, self.mask_id)
             elif ends[i] or not chunk.commits:
                 finished.append((row, chunk.canvas))
                 state.chunk = None
@@ -207,9 +206,7 @@ class BD3LMSteps(ScratchUser):
         if not picked:
             return logits
         logits = logits.float().clone()
-        at = torch.tensor([r for r, _ in picked], device=logits.device)
-        allowed = allowed_by_bitmask(grammar.grammar_bitmask[[b for _, b in picked]], logits.shape[-1])
-        logits[at] = logits[at].masked_fill(~allowed.to(logits.device), -torch.inf)
+        mask_by_bitmask(logits, [r for r, _ in picked], grammar.grammar_bitmask[[b for _, b in picked]])
         return logits
 
     @staticmethod

@@ -211,13 +211,7 @@ class BD3LMScheduler(BlockDiffScheduler):
     # ---- structured outputs: left-frontier canvases (docs/design.md §15) ----------------------------
     def _frontier(self, placeholders) -> list[int]:
         """A constrained canvas's grammar-checked part: its placeholders before the first mask."""
-        mask = self._defaults.mask_token_id
-        out = []
-        for token in placeholders:
-            if token == mask:
-                break
-            out.append(int(token))
-        return out
+        return bd3lm.committed_prefix(placeholders, self._defaults.mask_token_id)
 
     def get_grammar_bitmask(self, scheduler_output):
         """One bitmask row per constrained canvas, for its leftmost masked position: the grammar advanced

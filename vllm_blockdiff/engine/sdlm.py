@@ -41,7 +41,7 @@ import torch
 from vllm.v1.outputs import LogprobsTensors
 
 from vllm_blockdiff.algorithms import sdlm
-from vllm_blockdiff.algorithms.constraints import VocabConstraints, allowed_by_bitmask, allowed_prefix
+from vllm_blockdiff.algorithms.constraints import VocabConstraints, allowed_prefix, mask_by_bitmask
 from vllm_blockdiff.engine.scratch import ScratchPages, ScratchUser, slots_of
 from vllm_blockdiff.engine.segments import CanvasRow, StepPlan, StepReport
 from vllm_blockdiff.options import ModelDefaults, SDLMOptions, resolve_sdlm_options
@@ -230,10 +230,7 @@ class SDLMSteps(ScratchUser):
             logits = logits.float().clone()
         rows = [grouped[req_id][0][0] for req_id in grammar.structured_output_request_ids if req_id in grouped]
         keep = [i for i, req_id in enumerate(grammar.structured_output_request_ids) if req_id in grouped]
-        if rows:
-            allowed = allowed_by_bitmask(grammar.grammar_bitmask[keep], logits.shape[-1]).to(logits.device)
-            index = torch.tensor(rows, device=logits.device)
-            logits[index] = logits[index].masked_fill(~allowed, -torch.inf)
+        mask_by_bitmask(logits, rows, grammar.grammar_bitmask[keep])
         return logits
 
     def _constrained(self, logits: torch.Tensor, grouped: dict, states: dict, outputs: dict) -> torch.Tensor:
